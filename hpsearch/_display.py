@@ -1,0 +1,80 @@
+"""What ``hpsearch run`` shows: a live status line while trials train, one line per finished trial, and
+the closing summary. Plain lines (no cursor tricks) when the output is not a terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
+
+
+class RunDisplay:
+    def __init__(self, console: Console, study: optuna.Study, target: int | None) -> None:
+        self.console = console
+        self.study = study
+        self.target = target
+        self.live = Live(Text(""), console=console, transient=True, auto_refresh=False)
+
+    def __enter__(self) -> RunDisplay:
+        if self.console.is_terminal:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.stop()
+
+    def epoch(self, trial: int, epoch: int, epochs: int, value: float) -> None:
+        if self.console.is_terminal:
+            self.live.update(Text(f"trial {trial}  epoch {epoch + 1}/{epochs}  val acc {value:.4f}"), refresh=True)
+
+    def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        best = _best_value(study)
+        value = "" if trial.value is None else f"{trial.value:.4f}"
+        if trial.state == TrialState.PRUNED:
+            why = trial.user_attrs.get("rejected") or trial.user_attrs.get("diverged")
+            epochs = len(trial.intermediate_values)
+            value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
+        elif trial.state == TrialState.FAIL:
+            value = trial.user_attrs.get("error", "")
+        total = f"/{self.target}" if self.target else ""
+        state = trial.state.name
+        line = Text.assemble(
+            (f"trial {trial.number:>4} ", "bold"), (f"{state:<8}", STATE_STYLE.get(state, "")), f" {value}",
+            (f"   finished {finished}{total}, pruned {pruned}, best {best}", "dim"),
+        )
+        self.console.print(line, soft_wrap=True)
+
+
+def _best_value(study: optuna.Study) -> str:
+    try:
+        return f"{study.best_value:.4f}"
+    except ValueError:  # no complete trial yet
+        return "-"
+
+
+def summary_table(study: optuna.Study) -> Table:
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    table = Table(title=f"study {study.study_name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("trials", ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c) or "none")
+    try:
+        best = study.best_trial
+    except ValueError:
+        table.add_row("best", "no complete trial yet")
+        return table
+    table.add_row("best value", f"{best.value:.4f} (trial {best.number}, val accuracy)")
+    for key, value in best.params.items():
+        table.add_row(f"  {key}", str(value))
+    return table

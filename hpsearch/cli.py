@@ -1,0 +1,256 @@
+"""The ``hpsearch`` command line: each command parses, delegates, and turns errors into one line and an exit code.
+
+Exit codes: 0 ok, 2 bad input (study file, option values, unknown study), 1 any other failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import typer
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from hpsearch import data as datasets
+from hpsearch._display import RunDisplay, summary_table
+from hpsearch._errors import HpsearchError, SpecError
+from hpsearch.devices import configure_threads, resolve_device
+from hpsearch.objective import checkpoint_dir, make_objective
+from hpsearch.spec import StudySpec, load_spec
+from hpsearch.storage import open_storage, storage_url
+from hpsearch.study import (
+    SPEC_ATTR,
+    count_finished,
+    load_existing,
+    load_spec_from_study,
+    open_study,
+    run_trials,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Optuna hyperparameter search for image-classification CNNs.")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# ---------------------------------------------------------------- options shared by several commands
+StorageOpt = typer.Option(None, "--storage", envvar="HPSEARCH_STORAGE", show_default="sqlite:///hpsearch.db",
+                          help="SQLAlchemy URL of the study database.")
+DataDirOpt = typer.Option(None, "--data-dir", envvar="HPSEARCH_DATA", show_default="~/.cache/hpsearch/data",
+                          help="Where datasets are looked for (may be read-only).")
+CacheDirOpt = typer.Option(None, "--cache-dir", envvar="HPSEARCH_CACHE", show_default="~/.cache/hpsearch/cache",
+                           help="Decoded datasets, downloads and trial checkpoints.")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")
+NTrialsOpt = typer.Option(None, "--n-trials", min=1, help="Run until the study holds this many finished trials.")
+TimeoutOpt = typer.Option(None, "--timeout", min=1, help="Stop starting trials after this many seconds.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for training (default: available cores).")
+
+
+def main() -> None:
+    # Heartbeats, the retry callback and metric names are "experimental" in Optuna 5; hpsearch pins Optuna < 6.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        app()
+    except SpecError as e:
+        err_console.print(f"error: {e}", soft_wrap=True)
+        sys.exit(2)
+    except HpsearchError as e:
+        err_console.print(f"error: {e}", soft_wrap=True)
+        sys.exit(1)
+
+
+@app.command()
+def run(
+    study_file: Path = typer.Argument(..., help="A study file (studies/*.toml)."),
+    storage: str | None = StorageOpt,
+    n_trials: int | None = NTrialsOpt,
+    timeout: float | None = TimeoutOpt,
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+    force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
+) -> None:
+    """Create or resume the study of STUDY_FILE and run trials until it holds n_trials finished trials."""
+    spec = load_spec(study_file)
+    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force)
+
+
+@app.command()
+def worker(
+    name: str = typer.Argument(..., help="Name of a study created by `hpsearch run`."),
+    storage: str | None = StorageOpt,
+    n_trials: int | None = NTrialsOpt,
+    timeout: float | None = TimeoutOpt,
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Join an existing study by name (its study file is stored in the database) and run trials."""
+    spec = load_spec_from_study(open_storage(storage), name)
+    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False)
+
+
+def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
+         cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool) -> None:
+    device = resolve_device(device_name)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = open_storage(storage)
+    study = open_study(spec, rdb, force=force)
+    target = n_trials or spec.n_trials
+    finished = count_finished(study)
+    if target is not None and finished >= target:
+        console.print(f"study {spec.name!r} already holds {finished} finished trials (target {target}); "
+                      "nothing to run. Raise --n-trials to run more.")
+        console.print(summary_table(study))
+        return
+    if device.type == "cpu":
+        configure_threads(threads)
+    cache = cache_dir or datasets.default_cache_dir()
+    data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
+                         device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
+                         seed=spec.seed)
+    console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
+                  f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
+                  f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
+                  soft_wrap=True)
+    with RunDisplay(console, study, target) as display:
+        objective = make_objective(spec, data, device=device, progress=display.epoch,
+                                   checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
+        outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
+                             on_trial_end=display.trial_end)
+    console.print(summary_table(study))
+    if outcome.interrupted:
+        err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
+        raise SystemExit(130)
+    if outcome.error is not None:
+        raise HpsearchError(f"every trial of this run failed; last error: {outcome.error}")
+
+
+@app.command()
+def studies(storage: str | None = StorageOpt) -> None:
+    """One row per study: name, strategy, dataset, trials by state, best value."""
+    summaries = optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True)
+    table = Table("name", "strategy", "dataset", "complete", "pruned", "fail", "running", "best")
+    rdb = open_storage(storage)
+    for s in summaries:
+        trials = optuna.load_study(storage=rdb, study_name=s.study_name).get_trials(deepcopy=False)
+        counts = {st: sum(t.state == st for t in trials) for st in TrialState}
+        best = "-" if s.best_trial is None or s.best_trial.value is None else f"{s.best_trial.value:.4f}"
+        table.add_row(s.study_name, str(s.user_attrs.get("strategy", "-")), str(s.user_attrs.get("dataset", "-")),
+                      str(counts[TrialState.COMPLETE]), str(counts[TrialState.PRUNED]), str(counts[TrialState.FAIL]),
+                      str(counts[TrialState.RUNNING]), best)
+    if not summaries:
+        console.print("no studies in this storage")
+        return
+    console.print(table)
+
+
+def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    duration = None
+    if t.datetime_start and t.datetime_complete:
+        duration = round((t.datetime_complete - t.datetime_start).total_seconds(), 3)
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "params": t.params,
+        "epochs_run": len(t.intermediate_values),
+        "best_epoch": t.user_attrs.get("best_epoch"),
+        "seconds_per_epoch": t.user_attrs.get("seconds_per_epoch"),
+        "param_count": t.user_attrs.get("param_count"),
+        "device": t.user_attrs.get("device"),
+        "note": t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("error"),
+        "duration_s": duration,
+        "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+    }
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str | None = StorageOpt,
+    top: int = typer.Option(5, "--top", min=1, help="How many of the best complete trials to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """The best trial and the top K complete trials of a study."""
+    study = load_existing(open_storage(storage), name)
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: (-(t.value or 0.0), t.number))
+    ranked = [_trial_row(t) for t in complete[:top]]
+    if as_json:
+        counts = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
+        best = dict(ranked[0], config=complete[0].user_attrs.get("config")) if ranked else None
+        spec = json.loads(study.user_attrs.get(SPEC_ATTR, "null"))
+        print(json.dumps({"study": name, "spec": spec, "counts": counts, "best": best, "top": ranked}, indent=2))
+        return
+    console.print(summary_table(study))
+    if ranked:
+        table = Table("rank", "trial", "val acc", "epochs", "s/epoch", "params", title=f"top {len(ranked)}",
+                      title_justify="left")
+        for i, row in enumerate(ranked, 1):
+            spe = row["seconds_per_epoch"]
+            table.add_row(str(i), str(row["number"]), f"{row['value']:.4f}", str(row["epochs_run"]),
+                          "-" if spe is None else f"{spe:.1f}", str(row["param_count"]))
+        console.print(table)
+
+
+@app.command()
+def export(
+    name: str = typer.Argument(..., help="Study name."),
+    out: Path = typer.Option(..., "--out", help="Output file: .csv or .json."),
+    storage: str | None = StorageOpt,
+) -> None:
+    """Write all trials with their params and values to a .csv or .json file."""
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise SpecError(f"--out: {str(out)!r} must end in .csv or .json")
+    study = load_existing(open_storage(storage), name)
+    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
+    if out.suffix.lower() == ".json":
+        text = json.dumps(rows, indent=2)
+    else:
+        params = sorted({k for r in rows for k in r["params"]})
+        fields = [k for k in rows[0] if k != "params"] if rows else ["number", "state", "value"]
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(fields + [f"param_{p}" for p in params])
+        for r in rows:
+            writer.writerow([r[f] for f in fields] + [r["params"].get(p, "") for p in params])
+        text = buf.getvalue()
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)  # never a half-written export
+    except OSError as e:
+        raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
+    console.print(f"wrote {len(rows)} trials of study {name!r} to {out}")
+
+
+@app.command()
+def delete(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str | None = StorageOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a study, its trials and its checkpoints."""
+    rdb = open_storage(storage)
+    study = load_existing(rdb, name)
+    n = len(study.get_trials(deepcopy=False))
+    if not yes:
+        if not sys.stdin.isatty():
+            raise SpecError(f"delete {name!r}: confirmation needed; pass --yes to delete without asking")
+        typer.confirm(f"Delete study {name!r} and its {n} trials?", abort=True)
+    optuna.delete_study(study_name=name, storage=rdb)
+    shutil.rmtree(checkpoint_dir((cache_dir or datasets.default_cache_dir()) / "checkpoints",
+                                 storage_url(storage), name), ignore_errors=True)
+    console.print(f"deleted study {name!r} ({n} trials)")

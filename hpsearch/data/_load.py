@@ -1,0 +1,234 @@
+"""Datasets as uint8 tensors on the training device: read once per process, split train/val with a fixed seed.
+
+Lookup order for a named dataset under the data directory (first hit wins):
+``<dir>/<name>/`` with the raw files, torchvision's own layout (``<dir>/MNIST/raw``, ...), then a download
+with torchvision into the cache directory (the data directory may be read-only).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hpsearch._errors import HpsearchError, SpecError
+from hpsearch.data import _readers as readers
+from hpsearch.data._synthetic import make_synthetic, parse_synthetic
+
+NAMED = ("mnist", "fashion-mnist", "cifar10")
+DIGITS = {"mnist"}  # horizontal flips change a digit's meaning; no flip augmentation for these
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+# torchvision's folder names, so a directory torchvision downloaded into works as is.
+TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
+DATASET_RULE = "mnist, fashion-mnist, cifar10, folder:<path>, synthetic[:key=value,...]"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("HPSEARCH_DATA") or Path.home() / ".cache" / "hpsearch" / "data")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HPSEARCH_CACHE") or Path.home() / ".cache" / "hpsearch" / "cache")
+
+
+def check_dataset_name(name: str) -> None:
+    """Load-time check of a study file's ``dataset`` (files are looked for only when a trial runs)."""
+    if name in NAMED:
+        return
+    if name.startswith("synthetic"):
+        if name == "synthetic" or name.startswith("synthetic:"):
+            parse_synthetic(name)
+            return
+    if name.startswith("folder:") and len(name) > len("folder:"):
+        return
+    raise SpecError(f"dataset {name!r} is not known; allowed: {DATASET_RULE}")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, of the training split, in [0, 1] units
+    std: tuple[float, ...]
+    flip: bool  # whether horizontal flips are label-preserving
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # uint8 [N, C, H, W] on the training device
+    y: torch.Tensor  # int64 [N] on the training device
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Data:
+    train: Split
+    val: Split
+    info: DataInfo
+
+
+@dataclass(frozen=True)
+class Raw:
+    train: readers.Arrays
+    test: readers.Arrays
+    classes: tuple[str, ...]
+    source: str  # where it was read from, for messages
+
+
+# ---------------------------------------------------------------- reading (cached per process)
+
+_RAW: dict[tuple[str, str], Raw] = {}
+_SPLITS: dict[tuple, Data] = {}
+
+
+def read_raw(name: str, data_dir: Path, cache_dir: Path) -> Raw:
+    key = (name, str(data_dir))
+    if key not in _RAW:
+        _RAW[key] = _read_raw(name, data_dir, cache_dir)
+    return _RAW[key]
+
+
+def _read_raw(name: str, data_dir: Path, cache_dir: Path) -> Raw:
+    check_dataset_name(name)
+    if name.startswith("synthetic"):
+        args = parse_synthetic(name)
+        classes = tuple(f"class{i}" for i in range(args.classes))
+        return Raw(make_synthetic(args, "train"), make_synthetic(args, "test"), classes, "generated")
+    if name.startswith("folder:"):
+        return _read_folder(name, data_dir, cache_dir)
+    classes = tuple(CLASS_NAMES[name])
+    looked = []
+    for root in (data_dir, cache_dir / "downloads"):
+        for directory in _candidates(name, root):
+            looked.append(str(directory))
+            if name == "cifar10":
+                location = readers.find_cifar(directory)
+                if location is not None:
+                    return Raw(readers.read_cifar(location, "train"), readers.read_cifar(location, "test"),
+                               classes, str(location))
+            elif readers.find_idx(directory):
+                return Raw(readers.read_idx(directory, "train"), readers.read_idx(directory, "test"),
+                           classes, str(directory))
+        if root == data_dir:
+            download_error = _download(name, cache_dir / "downloads")
+    raise HpsearchError(
+        f"dataset {name!r}: no files found in {', '.join(dict.fromkeys(looked))} and the download failed "
+        f"({download_error}); put {_expected(name)} in {data_dir / name} (or pass --data-dir)"
+    )
+
+
+def _candidates(name: str, root: Path) -> list[Path]:
+    tv = TORCHVISION_DIRS[name]
+    if name == "cifar10":
+        return [root / name, root]
+    return [root / name, root / tv / "raw", root / name / tv / "raw", root]
+
+
+def _expected(name: str) -> str:
+    if name == "cifar10":
+        return "cifar-10-batches-py/ or cifar-10-python.tar.gz"
+    return "the four IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)"
+
+
+def _download(name: str, root: Path) -> str:
+    """torchvision's downloader (the path users with internet get); returns why it failed, or '' on success."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cls(str(root / name), train=train, download=True)
+    except Exception as e:  # network errors come as many types (URLError, RuntimeError, OSError)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+    return ""
+
+
+def _read_folder(name: str, data_dir: Path, cache_dir: Path) -> Raw:
+    path = Path(name.removeprefix("folder:")).expanduser()
+    root = path if path.is_absolute() else data_dir / path
+    classes = readers.folder_classes(root)
+    if not classes:
+        raise HpsearchError(f"dataset {name!r}: {root / 'train'} has no class folders (expected train/<class>/*)")
+    cache = cache_dir / "folders" / f"{root.name}-{readers.folder_fingerprint(root)}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return Raw((saved["train_x"], saved["train_y"]), (saved["test_x"], saved["test_y"]), tuple(classes), str(root))
+    train = readers.read_folder(root, "train", classes, size=None)
+    size = (train[0].shape[3], train[0].shape[2])
+    has_test = bool(readers.folder_files(root, "test", classes))
+    test = readers.read_folder(root, "test", classes, size=size) if has_test else (train[0][:0], train[1][:0])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"train_x": train[0], "train_y": train[1], "test_x": test[0], "test_y": test[1]}, tmp)
+    os.replace(tmp, cache)  # atomic: a concurrent worker never reads a half-written cache
+    return Raw(train, test, tuple(classes), str(root))
+
+
+# ---------------------------------------------------------------- split and move to the device
+
+
+def load(
+    name: str,
+    *,
+    data_dir: Path,
+    cache_dir: Path,
+    device: torch.device,
+    val_fraction: float,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+) -> Data:
+    """Train/val split of the training set, on ``device``. The test set is not part of it (final evaluation only)."""
+    key = (name, str(data_dir), str(device), val_fraction, train_fraction, seed)
+    if key not in _SPLITS:
+        raw = read_raw(name, data_dir, cache_dir)
+        _SPLITS.clear()  # keep one split on the device at a time: a process runs one study
+        _SPLITS[key] = _split(name, raw, device, val_fraction, train_fraction, seed)
+    return _SPLITS[key]
+
+
+def _split(name: str, raw: Raw, device: torch.device, val_fraction: float, train_fraction: float, seed: int) -> Data:
+    x, y = raw.train
+    n = len(y)
+    # The validation split depends on the seed alone, not on train_fraction: trials with different
+    # budgets are compared on the same images.
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    train_idx = train_idx[: max(1, round(len(train_idx) * train_fraction))]
+    if len(train_idx) < 2:
+        raise HpsearchError(f"dataset {name!r}: {n} training images leave {len(train_idx)} to train on")
+    train_x = x[train_idx]
+    xf = train_x.float().div_(255)
+    mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    del xf
+    info = DataInfo(
+        name=name,
+        channels=x.shape[1],
+        height=x.shape[2],
+        width=x.shape[3],
+        num_classes=len(raw.classes),
+        mean=mean,
+        std=std,
+        flip=name not in DIGITS,
+        classes=raw.classes,
+    )
+    return Data(
+        train=Split(train_x.to(device), y[train_idx].to(device)),
+        val=Split(x[val_idx].to(device), y[val_idx].to(device)),
+        info=info,
+    )

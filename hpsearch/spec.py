@@ -1,0 +1,197 @@
+"""Study files: ``load_spec(path)`` -> a validated, frozen ``StudySpec``.
+
+Everything a study file can get wrong is caught here, before any database or data is touched, with one
+line that names the file, the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpsearch._errors import SpecError
+from hpsearch.data import check_dataset_name
+from hpsearch.space import Space, resolve_space
+from hpsearch.strategies import STRATEGIES
+
+# Knobs each sampler / pruner accepts from a table form (``[pruner] type = "median"  n_warmup_steps = 2``):
+# name -> (type, inclusive lower bound, inclusive upper bound).
+Knob = tuple[type | tuple[type, ...], float | None, float | None]
+SAMPLER_KNOBS: dict[str, dict[str, Knob]] = {
+    "tpe": {"n_startup_trials": (int, 0, None), "multivariate": (bool, None, None),
+            "constant_liar": (bool, None, None), "n_ei_candidates": (int, 1, None)},
+    "random": {},
+    "gp": {"n_startup_trials": (int, 0, None)},
+    "cmaes": {"n_startup_trials": (int, 0, None), "popsize": (int, 2, None)},
+    "qmc": {"qmc_type": (str, None, None), "scramble": (bool, None, None)},
+}
+PRUNER_KNOBS: dict[str, dict[str, Knob]] = {
+    "none": {},
+    "median": {"n_startup_trials": (int, 0, None), "n_warmup_steps": (int, 0, None), "interval_steps": (int, 1, None),
+               "n_min_trials": (int, 1, None)},
+    "percentile": {"percentile": ((int, float), 0, 100), "n_startup_trials": (int, 0, None),
+                   "n_warmup_steps": (int, 0, None), "interval_steps": (int, 1, None), "n_min_trials": (int, 1, None)},
+    "successive-halving": {"min_resource": ((int, str), 1, None), "reduction_factor": (int, 2, None),
+                           "min_early_stopping_rate": (int, 0, None)},
+    "hyperband": {"min_resource": (int, 1, None), "max_resource": ((int, str), 1, None),
+                  "reduction_factor": (int, 2, None)},
+}
+TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "val_fraction", "train_fraction",
+            "sampler", "pruner", "seed", "space", "enqueue")
+BUDGET_KEYS = ("n_trials", "timeout")  # may change between runs of the same study without --force
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    dataset: str
+    strategy: str
+    epochs: int
+    n_trials: int | None
+    timeout: float | None
+    val_fraction: float
+    train_fraction: float
+    sampler: dict[str, Any]  # {"type": ..., knobs...}
+    pruner: dict[str, Any]
+    seed: int
+    space_overrides: dict[str, Any]
+    enqueue: tuple[dict[str, Any], ...]
+    space: Space = field(compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The study file's content as plain data (what is stored on the study and compared on resume)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in TOP_KEYS if k not in ("space", "enqueue")}
+        out = {k: v for k, v in out.items() if v is not None}  # an absent budget stays absent
+        out["space"], out["enqueue"] = self.space_overrides, list(self.enqueue)
+        return json.loads(json.dumps(out))
+
+    def search_definition(self) -> dict[str, Any]:
+        """``to_dict`` without the budget: what must match for two runs to be the same study."""
+        return {k: v for k, v in self.to_dict().items() if k not in BUDGET_KEYS}
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such study file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{p}: cannot read the study file ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{p}: not valid TOML ({e})") from None
+    return spec_from_dict(data, where=str(p))
+
+
+def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
+    def fail(key: str, value: Any, rule: str) -> SpecError:
+        return SpecError(f"{where}: {key} = {_show(value)} {rule}")
+
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
+    for key in ("name", "dataset", "strategy", "epochs"):
+        if key not in data:
+            raise SpecError(f"{where}: missing required key {key!r}")
+
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise fail("name", name, "must be a non-empty string of at most 200 characters")
+    dataset = data["dataset"]
+    if not isinstance(dataset, str):
+        raise fail("dataset", dataset, "must be a string")
+    try:
+        check_dataset_name(dataset)
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+    strategy = data["strategy"]
+    if strategy not in STRATEGIES:
+        raise fail("strategy", strategy, f"is not known; allowed: {', '.join(STRATEGIES)}")
+
+    epochs = _number(data, "epochs", int, 1, 10_000, fail)
+    n_trials = _number(data, "n_trials", int, 1, 1_000_000, fail) if "n_trials" in data else None
+    timeout = float(_number(data, "timeout", (int, float), 1, None, fail)) if "timeout" in data else None
+    if n_trials is None and timeout is None:
+        raise SpecError(f"{where}: give n_trials and/or timeout (seconds): without either a study never ends")
+    val_fraction = float(data.get("val_fraction", 0.1))
+    if not isinstance(data.get("val_fraction", 0.1), int | float) or not 0 < val_fraction < 1:
+        raise fail("val_fraction", data.get("val_fraction"), "must be a number with 0 < val_fraction < 1")
+    train_fraction = data.get("train_fraction", 1.0)
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not 0 < train_fraction <= 1:
+        raise fail("train_fraction", train_fraction, "must be a number with 0 < train_fraction <= 1")
+    seed = _number(data, "seed", int, 0, 2**32 - 1, fail) if "seed" in data else 0
+
+    sampler = _algorithm(data.get("sampler", "tpe"), "sampler", SAMPLER_KNOBS, fail)
+    pruner = _algorithm(data.get("pruner", "median"), "pruner", PRUNER_KNOBS, fail)
+
+    overrides = data.get("space", {})
+    if not isinstance(overrides, dict):
+        raise fail("space", overrides, "must be a table ([space])")
+    space = resolve_space(STRATEGIES[strategy].params, overrides, where=f"{where}: space")
+
+    enqueue = data.get("enqueue", [])
+    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+        raise fail("enqueue", enqueue, "must be an array of tables ([[enqueue]])")
+    for i, params in enumerate(enqueue):
+        for key, value in params.items():
+            try:
+                space.check_fixed_value(key, value)
+            except ValueError as e:
+                raise SpecError(f"{where}: enqueue[{i}].{key} = {_show(value)} {e}") from None
+
+    return StudySpec(
+        name=name, dataset=dataset, strategy=strategy, epochs=epochs, n_trials=n_trials, timeout=timeout,
+        val_fraction=val_fraction, train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
+        space_overrides=overrides, enqueue=tuple(enqueue), space=space,
+    )
+
+
+def _number(data: dict[str, Any], key: str, kind: Any, low: float, high: float | None, fail: Any) -> Any:
+    value = data[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = type(value) in kinds and math.isfinite(value) and value >= low and (high is None or value <= high)
+    if not ok:
+        noun = "an integer" if kinds == (int,) else "a number"
+        upper = f" and <= {high}" if high is not None else ""
+        raise fail(key, value, f"must be {noun} >= {low}{upper}")
+    return value
+
+
+def _algorithm(raw: Any, key: str, knobs: dict[str, dict[str, Knob]], fail: Any) -> dict[str, Any]:
+    """``"median"`` or ``{type = "median", n_warmup_steps = 2}`` -> ``{"type": "median", ...}``."""
+    table = {"type": raw} if isinstance(raw, str) else dict(raw) if isinstance(raw, dict) else None
+    if table is None or "type" not in table:
+        raise fail(key, raw, f"must be a name or a table with type; allowed types: {', '.join(knobs)}")
+    kind = table["type"]
+    if kind not in knobs:
+        raise fail(key, kind, f"is not known; allowed: {', '.join(knobs)}")
+    for knob, value in table.items():
+        if knob == "type":
+            continue
+        if knob not in knobs[kind]:
+            allowed = ", ".join(knobs[kind]) or "none"
+            raise fail(f"{key}.{knob}", value, f"is not a knob of {key} {kind!r}; allowed: {allowed}")
+        types, low, high = knobs[kind][knob]
+        types = types if isinstance(types, tuple) else (types,)
+        # A string knob is an enumeration: qmc_type names the sequence, min/max_resource may be "auto".
+        words = ("sobol", "halton") if knob == "qmc_type" else ("auto",)
+        if type(value) not in types or (isinstance(value, str) and value not in words):
+            rule = " or ".join(t.__name__ for t in types if t is not str)
+            rule = " or ".join(filter(None, [rule, ", ".join(f'"{w}"' for w in words) if str in types else ""]))
+            raise fail(f"{key}.{knob}", value, f"must be {rule}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and (
+            (low is not None and value < low) or (high is not None and value > high)
+        ):
+            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+            raise fail(f"{key}.{knob}", value, f"must be {bounds}")
+    return table
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)

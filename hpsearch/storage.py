@@ -1,0 +1,77 @@
+"""Storage: any SQLAlchemy URL. The default is an SQLite file in the working directory, set up so that a few
+local processes share it (WAL journal, long busy timeout). Heartbeats fail the trials of killed workers and
+enqueue a retry that resumes from the trial's last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import make_url
+
+from hpsearch._errors import HpsearchError, SpecError
+
+DEFAULT_STORAGE = "sqlite:///hpsearch.db"
+HEARTBEAT_SECONDS = 10  # a worker writes a heartbeat this often while a trial runs
+GRACE_SECONDS = 60  # a RUNNING trial whose heartbeat is older than this belongs to a dead worker
+MAX_RETRY = 2  # a trial whose worker died is retried this many times
+SQLITE_BUSY_SECONDS = 120  # writers wait for the lock instead of failing with "database is locked"
+
+
+def storage_url(url: str | None) -> str:
+    return url or os.environ.get("HPSEARCH_STORAGE") or DEFAULT_STORAGE
+
+
+def open_storage(url: str | None) -> optuna.storages.RDBStorage:
+    url = storage_url(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise SpecError(f"--storage: {url!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
+                        "postgresql+psycopg://user@host/db)") from None
+    engine_kwargs: dict = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            _prepare_sqlite(Path(parsed.database))
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}}
+    with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY, inherit_intermediate_values=True),
+            )
+        except ImportError as e:
+            raise HpsearchError(f"--storage {_safe(parsed)}: the database driver is not installed ({e})") from None
+        except Exception as e:  # connection refused, unknown database, permissions: all end the same way
+            raise HpsearchError(f"--storage {_safe(parsed)}: cannot open the database ({_first_line(e)})") from None
+
+
+def _prepare_sqlite(path: Path) -> None:
+    """WAL lets readers run beside the one writer; it is a property of the file, so set it once here."""
+    if not path.parent.exists():
+        raise SpecError(f"--storage: the directory {str(path.parent)!r} of the SQLite file does not exist")
+    con = sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as e:
+        raise HpsearchError(f"--storage: {str(path)!r} is not an SQLite database ({e})") from None
+    finally:
+        con.close()
+
+
+def _safe(url: sqlalchemy.engine.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,12 @@
+"""Strategy registry: adding a strategy is one new module and one line here."""
+
+from __future__ import annotations
+
+from hpsearch.strategies import scratch
+from hpsearch.strategies._base import Config, Rejected, Strategy, suggest_train, train_params
+
+STRATEGIES: dict[str, Strategy] = {
+    "scratch": scratch.STRATEGY,
+}
+
+__all__ = ["STRATEGIES", "Config", "Rejected", "Strategy", "suggest_train", "train_params"]

@@ -1,0 +1,77 @@
+"""What every strategy is: a default search space, ``suggest`` (trial -> plain frozen config) and ``build``
+(config + data info -> model and parameter groups). The training hyperparameters are shared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import optuna
+
+from hpsearch.augment import LEVELS
+from hpsearch.data import DataInfo
+from hpsearch.space import Categorical, FloatRange, Param, Space
+from hpsearch.train import Built, TrainConfig
+
+
+class Config(Protocol):
+    """A strategy's frozen dataclass: its model fields plus ``train``."""
+
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    params: dict[str, Param]  # the default search space
+    suggest: Callable[[optuna.Trial, Space, int, DataInfo], Any]  # (trial, space, epochs, info) -> Config
+    build: Callable[[Any, DataInfo], Built]  # (config, info) -> Built
+    help: str
+
+
+class Rejected(Exception):
+    """A sampled configuration that cannot train (e.g. its feature map shrinks below 1x1); the reason is stored."""
+
+
+def train_params(*, lr: tuple[float, float], batch_sizes: tuple[int, ...]) -> dict[str, Param]:
+    """The training hyperparameters every strategy samples (optimizer, schedule, regularisation, batching)."""
+    return {
+        "optimizer": Param(Categorical(("sgd", "adam", "adamw")), str, "optimizer",
+                           allowed=("sgd", "adam", "adamw")),
+        "lr": Param(FloatRange(*lr, log=True), float, "base learning rate", low=1e-7, high=10.0),
+        "momentum": Param(FloatRange(0.0, 0.99), float, "SGD momentum (sgd only)", low=0.0, high=0.999),
+        "nesterov": Param(Categorical((False, True)), bool, "Nesterov momentum (sgd only)"),
+        "weight_decay": Param(FloatRange(1e-6, 1e-2, log=True), float, "weight decay", low=0.0, high=1.0),
+        "scheduler": Param(Categorical(("none", "multistep", "plateau", "cosine")), str, "LR schedule",
+                           allowed=("none", "multistep", "plateau", "cosine")),
+        "lr_gamma": Param(Categorical((0.1, 0.2, 0.5)), float, "multistep: LR factor at 50%/75% of epochs",
+                          low=1e-4, high=1.0),
+        "plateau_factor": Param(Categorical((0.1, 0.2, 0.5)), float,
+                                "plateau: LR factor when val accuracy stalls", low=1e-4, high=0.999),
+        "plateau_patience": Param(Categorical((1, 2)), int, "plateau: epochs without improvement", low=0, high=100),
+        "batch_size": Param(Categorical(batch_sizes), int, "batch size", low=2, high=65536),
+        "label_smoothing": Param(Categorical((0.0, 0.1)), float, "label smoothing", low=0.0, high=0.5),
+        "augmentation": Param(Categorical(("none", "base")), str, "augmentation level", allowed=LEVELS),
+    }
+
+
+def suggest_train(trial: optuna.Trial, space: Space, epochs: int) -> TrainConfig:
+    """Conditional parameters are sampled only where they matter (momentum for sgd, knobs per scheduler)."""
+    optimizer = space.suggest(trial, "optimizer")
+    scheduler = space.suggest(trial, "scheduler")
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=space.suggest(trial, "batch_size"),
+        optimizer=optimizer,
+        lr=space.suggest(trial, "lr"),
+        weight_decay=space.suggest(trial, "weight_decay"),
+        momentum=space.suggest(trial, "momentum") if optimizer == "sgd" else 0.0,
+        nesterov=space.suggest(trial, "nesterov") if optimizer == "sgd" else False,
+        scheduler=scheduler,
+        lr_gamma=space.suggest(trial, "lr_gamma") if scheduler == "multistep" else 0.1,
+        plateau_factor=space.suggest(trial, "plateau_factor") if scheduler == "plateau" else 0.5,
+        plateau_patience=space.suggest(trial, "plateau_patience") if scheduler == "plateau" else 1,
+        label_smoothing=space.suggest(trial, "label_smoothing"),
+        augmentation=space.suggest(trial, "augmentation"),
+    )

@@ -1,0 +1,164 @@
+"""Opening a study from a spec (stored on the study so workers can join by name) and running trials."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpsearch._errors import HpsearchError, SpecError
+from hpsearch.spec import StudySpec, spec_from_dict
+
+SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    knobs = {k: v for k, v in spec.sampler.items() if k != "type"}
+    kind = spec.sampler["type"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **knobs)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **knobs)
+        if kind == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, **knobs)
+        return optuna.samplers.QMCSampler(seed=seed, **knobs)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    knobs = {k: v for k, v in spec.pruner.items() if k != "type"}
+    kind = spec.pruner["type"]
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**knobs)
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(**{"percentile": 25.0, **knobs})
+    if kind == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**knobs)
+    # Steps are epochs, so a trial's full budget is known: hyperband needs no "auto" guess.
+    return optuna.pruners.HyperbandPruner(**{"max_resource": spec.epochs, **knobs})
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False) -> optuna.Study:
+    """Creates the study (storing the spec, enqueueing [[enqueue]]) or resumes it, refusing a changed file."""
+    created = False
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize",
+                                    sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        # Another run (or worker) made it: a fresh per-process sampler seed, so workers explore different points.
+        study = optuna.load_study(storage=storage, study_name=spec.name,
+                                  sampler=make_sampler(spec, (spec.seed + os.getpid()) % 2**32),
+                                  pruner=make_pruner(spec))
+        stored = study.user_attrs.get(SPEC_ATTR)
+        if stored is not None and not force:
+            old = spec_from_dict(json.loads(stored), where=f"study {spec.name!r}").search_definition()
+            new = spec.search_definition()
+            if old != new:
+                differs = ", ".join(k for k in new if old.get(k) != new.get(k))
+                raise SpecError(f"study {spec.name!r} exists with different settings ({differs}); pass --force "
+                                "to run it with this file, or give the study a new name") from None
+    study.set_user_attr(SPEC_ATTR, json.dumps(spec.to_dict()))
+    study.set_user_attr("strategy", spec.strategy)
+    study.set_user_attr("dataset", spec.dataset)
+    study.set_metric_names(["val_accuracy"])
+    if created:
+        for params in spec.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return study
+
+
+def load_spec_from_study(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
+    """What a worker needs to join: the spec the study was created from."""
+    study = load_existing(storage, name)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise HpsearchError(f"study {name!r} was not created by hpsearch (no stored study file)")
+    return spec_from_dict(json.loads(stored), where=f"study {name!r}")
+
+
+def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(storage=storage, study_name=name)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        known = ", ".join(names) if names else "none"
+        raise SpecError(f"study {name!r} does not exist in this storage; studies: {known}") from None
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+@dataclass
+class RunOutcome:
+    ran: int  # trials this process ran
+    finished_before: int
+    interrupted: bool = False
+    error: str | None = None  # set when every trial this process ran failed
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Any,
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    on_trial_end: Any = None,
+) -> RunOutcome:
+    """Runs until the study holds ``n_trials`` finished (complete + pruned) trials, all workers counted,
+    or ``timeout`` seconds pass. Every worker stops at the total; up to one trial per extra worker may
+    already be running then and finishes too."""
+    finished = count_finished(study)
+    outcome = RunOutcome(ran=0, finished_before=finished)
+    if n_trials is not None and finished >= n_trials:
+        return outcome
+    failures: list[str] = []
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        outcome.ran += 1
+        if trial.state == TrialState.FAIL:
+            failures.append(trial.user_attrs.get("error", "unknown error"))
+        if on_trial_end is not None:
+            on_trial_end(study, trial)
+        if n_trials is not None and count_finished(study) >= n_trials:
+            study.stop()
+
+    optuna.logging.get_logger("optuna").addFilter(_quiet_independent_sampling)
+    try:
+        study.optimize(
+            objective,
+            n_trials=None if n_trials is None else n_trials - finished,  # bounds this process even if all fail
+            timeout=timeout,
+            callbacks=[after_trial],
+            catch=(Exception,),  # one broken configuration (out of memory, say) must not end the study
+        )
+    except KeyboardInterrupt:
+        outcome.interrupted = True  # Optuna has already marked the running trial FAIL
+    if failures and len(failures) == outcome.ran:
+        outcome.error = failures[-1]
+    return outcome
+
+
+def _quiet_independent_sampling(record: logging.LogRecord) -> bool:
+    # Conditional parameters (momentum for sgd only, ...) make TPE fall back to independent sampling for
+    # them; Optuna warns each time. Expected here, so not shown.
+    return "sampled independently" not in record.getMessage()
+
+
+def data_kwargs(spec: StudySpec, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    return {"data_dir": data_dir, "cache_dir": cache_dir, "val_fraction": spec.val_fraction,
+            "train_fraction": spec.train_fraction, "seed": spec.seed}

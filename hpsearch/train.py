@@ -1,0 +1,213 @@
+"""Training one configuration: per-epoch permutation batches of device-resident uint8 data, augmentation and
+normalisation fused into the batch step, evaluation under inference_mode, one host sync per epoch.
+
+``fit`` gets every hyperparameter as an argument (a TrainConfig): nothing is read from globals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpsearch.augment import augment
+from hpsearch.data import Data, Split
+from hpsearch.devices import autocast_dtype
+
+EVAL_BATCH = 1024  # evaluation has no activations to keep for backward: big batches amortise per-call cost
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    optimizer: str  # sgd | adam | adamw
+    lr: float
+    weight_decay: float
+    momentum: float = 0.0  # sgd only
+    nesterov: bool = False  # sgd only
+    scheduler: str = "none"  # none | multistep | plateau | cosine
+    lr_gamma: float = 0.1  # multistep: factor at 50% and 75% of the epochs
+    plateau_factor: float = 0.5  # plateau: factor when val accuracy stalls
+    plateau_patience: int = 1  # plateau: epochs without improvement before the cut
+    label_smoothing: float = 0.0
+    augmentation: str = "none"
+
+
+@dataclass
+class Built:
+    """What a strategy's ``build`` returns: the model and how to feed and optimise it."""
+
+    model: nn.Module  # normalised float batch [B, C, H, W] -> logits [B, num_classes]
+    param_groups: list[dict[str, Any]]  # optimizer groups; a group's "lr" overrides TrainConfig.lr
+    input_size: int | None = None  # batches are resized on the device to this square size
+    mean: tuple[float, ...] | None = None  # normalisation override (pretrained weights' own statistics)
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class FitResult:
+    best_val_accuracy: float = 0.0
+    best_epoch: int = -1
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    seconds_per_epoch: list[float] = field(default_factory=list)
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+# on_epoch(epoch, result) is called after every epoch's evaluation; it may raise optuna.TrialPruned.
+EpochHook = Callable[[int, FitResult], None]
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer {config.optimizer!r} is not known; allowed: sgd, adam, adamw")
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    if config.scheduler == "none":
+        return None
+    if config.scheduler == "multistep":
+        milestones = sorted({max(1, config.epochs // 2), max(1, (3 * config.epochs) // 4)})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_gamma)
+    if config.scheduler == "plateau":  # monitors VALIDATION accuracy, hence mode="max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    raise ValueError(f"scheduler {config.scheduler!r} is not known; allowed: none, multistep, plateau, cosine")
+
+
+class BatchPrep:
+    """uint8 batch -> augmented, normalised, resized float batch, in one place for training and evaluation."""
+
+    def __init__(self, data: Data, built: Built, device: torch.device) -> None:
+        mean = torch.tensor(built.mean or data.info.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(built.std or data.info.std, device=device).view(1, -1, 1, 1)
+        # x/255 then (x - mean)/std folded into one multiply-add on 0..255 values.
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+        self.size = built.input_size
+        self.flip = data.info.flip
+        self.channels_last = device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor, augmentation: str = "none",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        x = augment(x.float(), augmentation, flip=self.flip, generator=generator)
+        x = torch.addcmul(self.shift, x, self.scale)
+        if self.size is not None and self.size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def evaluate(model: nn.Module, split: Split, prep: BatchPrep, device: torch.device) -> float:
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    dtype = autocast_dtype(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i in range(0, len(split), EVAL_BATCH):
+            logits = model(prep(split.x[i : i + EVAL_BATCH]))
+            correct += (logits.argmax(1) == split.y[i : i + EVAL_BATCH]).sum()
+    return correct.item() / len(split)  # the one host sync of an evaluation
+
+
+def fit(
+    built: Built,
+    data: Data,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    on_epoch: EpochHook | None = None,
+    checkpoint: Path | None = None,
+) -> FitResult:
+    """Trains ``config.epochs`` epochs; returns the curves and the best validation accuracy.
+
+    With ``checkpoint``, state is saved after every epoch and a run that finds one resumes after its epoch.
+    """
+    model = built.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, built.param_groups)
+    scheduler = make_scheduler(config, optimizer)
+    dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    prep = BatchPrep(data, built, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    result, start = FitResult(), 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
+        result, start = FitResult(**state["result"]), state["epoch"] + 1
+
+    n = len(data.train)
+    bs = min(config.batch_size, n)
+    steps = n // bs  # the remainder is dropped (a different one each epoch): no 1-sample BatchNorm batches
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        perm = torch.randperm(n, device=device, generator=generator)
+        for step in range(steps):
+            idx = perm[step * bs : (step + 1) * bs]
+            x = prep(data.train.x[idx], config.augmentation, generator)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), data.train.y[idx], label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / steps  # host sync, once per epoch
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training loss is {train_loss} at epoch {epoch}")
+        val_acc = evaluate(model, data.val, prep, device)
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val_acc)
+            else:
+                scheduler.step()
+        result.train_loss.append(train_loss)
+        result.val_accuracy.append(val_acc)
+        result.seconds_per_epoch.append(time.perf_counter() - t0)
+        if val_acc > result.best_val_accuracy or result.best_epoch < 0:
+            result.best_val_accuracy, result.best_epoch = val_acc, epoch
+        if checkpoint is not None:
+            # The result travels with the weights: a resumed trial reports the same curves and best value.
+            _save_atomic(checkpoint, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "generator": generator.get_state(), "result": asdict(result),
+            })
+        if on_epoch is not None:
+            on_epoch(epoch, result)
+    return result
+
+
+def _save_atomic(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a worker killed mid-save leaves the previous checkpoint intact

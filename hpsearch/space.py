@@ -12,7 +12,7 @@ as ``key_0, key_1, ...`` with the same distribution.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +57,10 @@ class Param:
     """One key of a strategy's space: its default distribution and the rule any override must obey.
 
     ``kind`` is the value type (int, float, str, bool); ``allowed`` a closed set of values, or ``low``/
-    ``high`` an inclusive numeric interval. ``per`` names the key whose value is how many copies
-    (``key_0 .. key_{n-1}``) a trial samples.
+    ``high`` an inclusive numeric interval; ``check`` an extra rule on one value (raises ValueError saying
+    what is wrong: e.g. a weights file that does not exist). ``per`` names the key whose value is how many
+    copies (``key_0 .. key_{n-1}``) a trial samples, or, for a key with ``allowed`` names, which copy
+    (``key_<name>``: zoo's ``input_size_alexnet``, whose choices differ per model).
     """
 
     default: Dim
@@ -68,6 +70,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     per: str | None = None
+    check: Callable[[Any], None] | None = None
 
     def rule(self) -> str:
         if self.allowed is not None:
@@ -91,6 +94,8 @@ class Param:
                 raise ValueError(f"must be {self.rule()}")
             if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
                 raise ValueError(f"must be {self.rule()}")
+        if self.check is not None:
+            self.check(value)
         return value
 
 
@@ -146,7 +151,7 @@ class Space:
         self.params = dict(params)
         self.dims = dict(dims)
 
-    def suggest(self, trial: optuna.Trial, key: str, index: int | None = None) -> Any:
+    def suggest(self, trial: optuna.Trial, key: str, index: int | str | None = None) -> Any:
         dim = self.dims[key]
         name = key if index is None else f"{key}_{index}"
         if isinstance(dim, Fixed):
@@ -163,7 +168,8 @@ class Space:
         if name in self.params:
             return name, self.params[name]
         base, _, idx = name.rpartition("_")
-        if idx.isdigit() and base in self.params and self.params[base].per is not None:
+        per = self.params[base].per if base in self.params else None
+        if per is not None and (idx.isdigit() or idx in {str(a) for a in self.params[per].allowed or ()}):
             return base, self.params[base]
         return None
 

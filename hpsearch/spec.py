@@ -134,6 +134,12 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     if not isinstance(overrides, dict):
         raise fail("space", overrides, "must be a table ([space])")
     space = resolve_space(STRATEGIES[strategy].params, overrides, where=f"{where}: space")
+    check = STRATEGIES[strategy].check
+    if check is not None:
+        try:
+            check(space)
+        except ValueError as e:
+            raise SpecError(f"{where}: space.{e}") from None
 
     enqueue = data.get("enqueue", [])
     if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):

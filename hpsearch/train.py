@@ -51,6 +51,19 @@ class Built:
     input_size: int | None = None  # batches are resized on the device to this square size
     mean: tuple[float, ...] | None = None  # normalisation override (pretrained weights' own statistics)
     std: tuple[float, ...] | None = None
+    precomputed: Precomputed | None = None  # a frozen first part whose outputs fit may compute once
+
+
+@dataclass
+class Precomputed:
+    """A model that starts with a frozen trunk: for unaugmented batches its outputs never change.
+
+    ``inputs(data, prep)`` gives the trunk's outputs for the train and val images (x: float or fp16 features),
+    or None when they cannot be had (too big to keep); ``model`` maps them to logits and is the part that trains.
+    """
+
+    model: nn.Module
+    inputs: Callable[[Data, Callable[[torch.Tensor], torch.Tensor]], Data | None]  # (data, prep) -> features
 
 
 @dataclass
@@ -118,7 +131,8 @@ class BatchPrep:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def evaluate(model: nn.Module, split: Split, prep: BatchPrep, device: torch.device) -> float:
+def evaluate(model: nn.Module, split: Split, prep: Callable[[torch.Tensor], torch.Tensor],
+             device: torch.device) -> float:
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     dtype = autocast_dtype(device)
@@ -150,7 +164,13 @@ def fit(
     scheduler = make_scheduler(config, optimizer)
     dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    prep = BatchPrep(data, built, device)
+    prep: Callable[..., torch.Tensor] = BatchPrep(data, built, device)
+    if built.precomputed is not None and config.augmentation == "none":
+        # The frozen trunk would see the same images every epoch: its outputs, computed once (and cached across
+        # trials), replace the images, and only the trainable top runs in the loop and is checkpointed.
+        features = built.precomputed.inputs(data, prep)
+        if features is not None:
+            model, data, prep = built.precomputed.model, features, _as_float
     generator = torch.Generator(device=device).manual_seed(seed)
     result, start = FitResult(), 0
     if checkpoint is not None and checkpoint.is_file():
@@ -204,6 +224,10 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, result)
     return result
+
+
+def _as_float(x: torch.Tensor, augmentation: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
+    return x.float()  # precomputed features may be stored in fp16; "none" is the only augmentation they get
 
 
 def _save_atomic(path: Path, state: dict[str, Any]) -> None:

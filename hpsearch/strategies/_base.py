@@ -28,6 +28,9 @@ class Strategy:
     suggest: Callable[[optuna.Trial, Space, int, DataInfo], Any]  # (trial, space, epochs, info) -> Config
     build: Callable[[Any, DataInfo], Built]  # (config, info) -> Built
     help: str
+    # Rules across keys of a resolved space, checked when the study file is loaded; raises ValueError whose
+    # message starts with the key (zoo: every model needs an input_size choice it can take).
+    check: Callable[[Space], None] | None = None
 
 
 class Rejected(Exception):
@@ -56,15 +59,18 @@ def train_params(*, lr: tuple[float, float], batch_sizes: tuple[int, ...]) -> di
     }
 
 
-def suggest_train(trial: optuna.Trial, space: Space, epochs: int) -> TrainConfig:
-    """Conditional parameters are sampled only where they matter (momentum for sgd, knobs per scheduler)."""
+def suggest_train(trial: optuna.Trial, space: Space, epochs: int, *, lr: float | None = None) -> TrainConfig:
+    """Conditional parameters are sampled only where they matter (momentum for sgd, knobs per scheduler).
+
+    A strategy whose parameter groups carry their own LRs passes ``lr`` (and has no "lr" key): not sampled.
+    """
     optimizer = space.suggest(trial, "optimizer")
     scheduler = space.suggest(trial, "scheduler")
     return TrainConfig(
         epochs=epochs,
         batch_size=space.suggest(trial, "batch_size"),
         optimizer=optimizer,
-        lr=space.suggest(trial, "lr"),
+        lr=space.suggest(trial, "lr") if lr is None else lr,
         weight_decay=space.suggest(trial, "weight_decay"),
         momentum=space.suggest(trial, "momentum") if optimizer == "sgd" else 0.0,
         nesterov=space.suggest(trial, "nesterov") if optimizer == "sgd" else False,

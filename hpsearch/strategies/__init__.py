@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from hpsearch.strategies import scratch
+from hpsearch.strategies import finetune, scratch, zoo
 from hpsearch.strategies._base import Config, Rejected, Strategy, suggest_train, train_params
 
 STRATEGIES: dict[str, Strategy] = {
     "scratch": scratch.STRATEGY,
+    "zoo": zoo.STRATEGY,
+    "finetune": finetune.STRATEGY,
 }
 
 __all__ = ["STRATEGIES", "Config", "Rejected", "Strategy", "suggest_train", "train_params"]

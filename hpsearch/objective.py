@@ -72,6 +72,8 @@ def make_objective(
         if checkpoints is not None:
             checkpoint = Path(trial.user_attrs.get("checkpoint") or checkpoints / f"trial-{trial.number}.pt")
             trial.set_user_attr("checkpoint", str(checkpoint))
+            if checkpoint.is_file():  # a dead worker's trial: fit resumes after its last finished epoch
+                trial.set_user_attr("resumed_from_checkpoint", str(checkpoint))
 
         def on_epoch(epoch: int, result: FitResult) -> None:
             value = result.val_accuracy[-1]

@@ -16,8 +16,10 @@ from sqlalchemy.engine import make_url
 from hpsearch._errors import HpsearchError, SpecError
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
-HEARTBEAT_SECONDS = 10  # a worker writes a heartbeat this often while a trial runs
-GRACE_SECONDS = 60  # a RUNNING trial whose heartbeat is older than this belongs to a dead worker
+# A worker writes a heartbeat this often while a trial runs; a RUNNING trial whose heartbeat is older than the
+# grace period belongs to a dead worker. HPSEARCH_HEARTBEAT_SECONDS / HPSEARCH_GRACE_SECONDS override them.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
 MAX_RETRY = 2  # a trial whose worker died is retried this many times
 SQLITE_BUSY_SECONDS = 120  # writers wait for the lock instead of failing with "database is locked"
 
@@ -44,8 +46,8 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
+                heartbeat_interval=_env_seconds("HPSEARCH_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
+                grace_period=_env_seconds("HPSEARCH_GRACE_SECONDS", GRACE_SECONDS),
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=MAX_RETRY, inherit_intermediate_values=True),
             )
@@ -53,6 +55,15 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
             raise HpsearchError(f"--storage {_safe(parsed)}: the database driver is not installed ({e})") from None
         except Exception as e:  # connection refused, unknown database, permissions: all end the same way
             raise HpsearchError(f"--storage {_safe(parsed)}: cannot open the database ({_first_line(e)})") from None
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SpecError(f"{name}: {raw!r} must be a whole number of seconds >= 1")
+    return int(raw)
 
 
 def _prepare_sqlite(path: Path) -> None:

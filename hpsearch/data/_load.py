@@ -2,7 +2,8 @@
 
 Lookup order for a named dataset under the data directory (first hit wins):
 ``<dir>/<name>/`` with the raw files, torchvision's own layout (``<dir>/MNIST/raw``, ...), then a download
-with torchvision into the cache directory (the data directory may be read-only).
+with torchvision into the cache directory (the data directory may be read-only). CIFAR-10 is also read
+from image folders with its ten class names (``<dir>/cifar10/`` or ``<dir>/cifar10-jpeg/``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def _read_raw(name: str, data_dir: Path, cache_dir: Path) -> Raw:
                 if location is not None:
                     return Raw(readers.read_cifar(location, "train"), readers.read_cifar(location, "test"),
                                classes, str(location))
+                if readers.folder_classes(directory) == sorted(classes):  # CIFAR-10 saved as image folders
+                    return _read_folder_root(directory, cache_dir)
             elif readers.find_idx(directory):
                 return Raw(readers.read_idx(directory, "train"), readers.read_idx(directory, "test"),
                            classes, str(directory))
@@ -133,13 +136,13 @@ def _read_raw(name: str, data_dir: Path, cache_dir: Path) -> Raw:
 def _candidates(name: str, root: Path) -> list[Path]:
     tv = TORCHVISION_DIRS[name]
     if name == "cifar10":
-        return [root / name, root]
+        return [root / name, root / "cifar10-jpeg", root]
     return [root / name, root / tv / "raw", root / name / tv / "raw", root]
 
 
 def _expected(name: str) -> str:
     if name == "cifar10":
-        return "cifar-10-batches-py/ or cifar-10-python.tar.gz"
+        return "cifar-10-batches-py/, cifar-10-python.tar.gz or image folders train/<class>/*"
     return "the four IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)"
 
 
@@ -159,7 +162,11 @@ def _download(name: str, root: Path) -> str:
 
 def _read_folder(name: str, data_dir: Path, cache_dir: Path) -> Raw:
     path = Path(name.removeprefix("folder:")).expanduser()
-    root = path if path.is_absolute() else data_dir / path
+    return _read_folder_root(path if path.is_absolute() else data_dir / path, cache_dir)
+
+
+def _read_folder_root(root: Path, cache_dir: Path) -> Raw:
+    name = f"folder:{root}"
     classes = readers.folder_classes(root)
     if not classes:
         raise HpsearchError(f"dataset {name!r}: {root / 'train'} has no class folders (expected train/<class>/*)")

@@ -1,7 +1,22 @@
 """Batched augmentation on the training device: whole-batch tensor ops, per-sample random parameters, no PIL.
 
-Input and output: float images [B, C, H, W] in 0..255 units (before normalisation, so padding is black
-as in torchvision's RandomCrop(padding=4)).
+Input: images [B, C, H, W] in 0..255 units (before normalisation, so padding is black as in torchvision's
+RandomCrop(padding=4)), float or uint8. ``none`` and ``base`` keep the dtype (the batch step crops uint8, a
+quarter of the bytes to move); ``strong`` and ``stronger`` return float.
+
+Levels, as in the report this project grew out of (torchvision's defaults where the report names only the op):
+- ``base``: random crop with 4-px zero padding + horizontal flip (flip off for digit datasets).
+- ``strong``: ``base`` + random perspective (distortion 0.5, p = 0.5) + random rotation (±10°) + Gaussian blur
+  (3x3, sigma 0.1..2) + random grayscale (p = 0.1).
+- ``stronger``: ``strong`` + random affine (shear ±10°, scale 0.8..1.2) + elastic distortion (alpha 50, sigma 5).
+
+All geometric ops of a level (crop, flip, perspective, rotation, affine, elastic) are composed into ONE sampling
+grid and resampled with one ``grid_sample``: one bilinear interpolation instead of one per op, and one pass over
+the batch. Blur and grayscale run after it.
+
+Coordinates: pixel units with the origin at the image centre, x to the right, y down; a pixel's centre is at
+``j + 0.5 - W/2``. Matrices are 3x3 homogeneous SAMPLING maps: output position -> input position (the inverse of
+the forward transform the name describes).
 """
 
 from __future__ import annotations
@@ -9,35 +24,222 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LEVELS = ("none", "base")
+LEVELS = ("none", "base", "strong", "stronger")
+
+PERSPECTIVE_DISTORTION = 0.5  # corners move inwards by up to this fraction of the half-size (torchvision default)
+PERSPECTIVE_P = 0.5
+ROTATION_DEGREES = 10.0
+BLUR_SIGMA = (0.1, 2.0)  # torchvision GaussianBlur's default sigma range
+GRAYSCALE_P = 0.1
+SHEAR_DEGREES = 10.0
+SCALE = (0.8, 1.2)
+ELASTIC_ALPHA = 50.0  # torchvision ElasticTransform's defaults: displacement alpha/2 px per unit of smoothed noise
+ELASTIC_SIGMA = 5.0  # pixels
 
 
 def augment(x: torch.Tensor, level: str, *, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     if level == "none":
         return x
     if level == "base":
-        x = random_crop(x, padding=4, generator=generator)
-        return random_flip(x, generator=generator) if flip else x
+        return random_crop(x, padding=4, flip=flip, generator=generator)
+    if level in ("strong", "stronger"):
+        stronger = level == "stronger"
+        x = x.float()
+        b, _, h, w = x.shape
+        matrix = crop_matrix(b, padding=4, device=x.device, generator=generator)
+        if flip:
+            matrix = matrix @ flip_matrix(b, device=x.device, generator=generator)
+        matrix = matrix @ perspective_matrix(b, h, w, distortion=PERSPECTIVE_DISTORTION, p=PERSPECTIVE_P,
+                                             device=x.device, generator=generator)
+        matrix = matrix @ rotation_matrix(_uniform(b, -ROTATION_DEGREES, ROTATION_DEGREES, x.device, generator))
+        displacement = None
+        if stronger:
+            matrix = matrix @ shear_scale_matrix(_uniform(b, -SHEAR_DEGREES, SHEAR_DEGREES, x.device, generator),
+                                                 _uniform(b, *SCALE, x.device, generator))
+            displacement = elastic_displacement(b, h, w, alpha=ELASTIC_ALPHA, sigma=ELASTIC_SIGMA,
+                                                device=x.device, generator=generator)
+        x = warp(x, matrix, displacement)
+        x = gaussian_blur(x, _uniform(b, *BLUR_SIGMA, x.device, generator))
+        return random_grayscale(x, p=GRAYSCALE_P, generator=generator)
     raise ValueError(f"augmentation {level!r} is not known; allowed: {', '.join(LEVELS)}")
 
 
-def random_flip(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Horizontal flip of a random half of the batch (per sample, p = 0.5)."""
-    mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
-    return torch.where(mask, x.flip(-1), x)
+def _uniform(b: int, low: float, high: float, device: torch.device,
+             generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(b, device=device, generator=generator) * (high - low) + low
 
 
-def random_crop(x: torch.Tensor, *, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad by ``padding`` and cut an HxW window at a per-sample random offset (RandomCrop(padding=p)).
+# ---------------------------------------------------------------- exact pixel ops (the base level)
 
-    One gather over the padded batch: rows and columns of each sample's window are index vectors.
+
+def random_crop(x: torch.Tensor, *, padding: int, flip: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by ``padding`` and cut an HxW window at a per-sample random offset (RandomCrop(padding=p));
+    with ``flip``, a random half of the batch is also mirrored left-right (RandomHorizontalFlip).
+
+    Both in ONE flat gather (``torch.take``) over the padded batch, any dtype: each sample's window is a start
+    offset plus a fixed table of in-window offsets, with the column order reversed for flipped samples.
+    Measured on 64x3x32x32 float, 2 CPU threads: 0.43 ms, against 0.96 ms for advanced indexing
+    ``padded[b, c, rows, cols]`` and 1.05 ms for a bilinear ``grid_sample`` shift.
     """
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B,1,H,1]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B,1,1,W]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    hp, wp = h + 2 * padding, w + 2 * padding
+    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device, generator=generator)
+    rows = torch.arange(h, device=x.device)[:, None] * wp
+    cols = torch.arange(w, device=x.device)
+    window = (rows + cols).view(1, 1, h * w)
+    start = torch.arange(b * c, device=x.device).view(b, c, 1) * (hp * wp) + dy * wp + dx
+    if flip:
+        mirrored = (rows + cols.flip(0)).view(1, 1, h * w)
+        mask = torch.rand(b, 1, 1, device=x.device, generator=generator) < 0.5
+        window = torch.where(mask, mirrored, window)  # [B, 1, HW]
+    return torch.take(padded, start + window).view(b, c, h, w)
+
+
+# ---------------------------------------------------------------- geometric ops as sampling matrices [B, 3, 3]
+
+
+def _affine(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
+            tx: torch.Tensor | None = None, ty: torch.Tensor | None = None) -> torch.Tensor:
+    """[[a, b, tx], [c, d, ty], [0, 0, 1]] per sample."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    tx = zero if tx is None else tx
+    ty = zero if ty is None else ty
+    return torch.stack([a, b, tx, c, d, ty, zero, zero, one], dim=-1).view(-1, 3, 3)
+
+
+def crop_matrix(b: int, *, padding: int, device: torch.device,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomCrop(padding=p) as an integer shift in -p..p per axis: exact under bilinear sampling, zero fill."""
+    shift = torch.randint(-padding, padding + 1, (2, b), device=device, generator=generator).float()
+    one, zero = torch.ones(b, device=device), torch.zeros(b, device=device)
+    return _affine(one, zero, zero, one, shift[0], shift[1])
+
+
+def flip_matrix(b: int, *, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Horizontal flip of a random half of the batch: x -> -x about the centre."""
+    sign = torch.where(torch.rand(b, device=device, generator=generator) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(b, device=device)
+    return _affine(sign, zero, zero, torch.ones(b, device=device))
+
+
+def rotation_matrix(degrees: torch.Tensor) -> torch.Tensor:
+    """Rotates the image content by ``degrees`` (per sample; positive = counter-clockwise on screen)."""
+    theta = torch.deg2rad(degrees)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # With y down, the forward on-screen counter-clockwise turn is [[cos, sin], [-sin, cos]]; sampling uses its inverse.
+    return _affine(cos, -sin, sin, cos)
+
+
+def shear_scale_matrix(shear_degrees: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Forward map x' = s (x + tan(shear) y), y' = s y; sampled through its inverse."""
+    t = torch.tan(torch.deg2rad(shear_degrees))
+    inv = 1.0 / scale
+    return _affine(inv, -t * inv, torch.zeros_like(t), inv)
+
+
+def perspective_matrix(b: int, h: int, w: int, *, distortion: float, p: float, device: torch.device,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomPerspective: with probability ``p`` each corner moves inwards by up to ``distortion`` x half-size.
+
+    The homography that sends the moved corners back to the image corners is solved per sample (a batched
+    8x8 system): output pixels at the moved corners sample the original corners.
+    """
+    corners = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]], device=device)
+    inward = -corners.sign()  # [4, 2]
+    half = torch.tensor([w / 2, h / 2], device=device)
+    amount = torch.rand(b, 4, 2, device=device, generator=generator) * distortion * half
+    apply = (torch.rand(b, 1, 1, device=device, generator=generator) < p).float()
+    moved = corners + inward * amount * apply  # [B, 4, 2]: where each corner lands in the output
+    return homography(moved, corners.expand(b, 4, 2))
+
+
+def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """The [B, 3, 3] projective maps with H(src_i) = dst_i for 4 point pairs [B, 4, 2] each."""
+    x, y = src[..., 0], src[..., 1]
+    u, v = dst[..., 0], dst[..., 1]
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
+    a = torch.cat([rows_u, rows_v], dim=1)  # [B, 8, 8]
+    rhs = torch.cat([u, v], dim=1)  # [B, 8]
+    # float64: corner products reach (size/2)^2, and an ill-conditioned float32 solve would tilt the image.
+    coef = torch.linalg.solve(a.double(), rhs.double()).to(src.dtype)
+    return torch.cat([coef, torch.ones_like(coef[:, :1])], dim=1).view(-1, 3, 3)
+
+
+def elastic_displacement(b: int, h: int, w: int, *, alpha: float, sigma: float, device: torch.device,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """ElasticTransform's field: uniform(-1, 1) noise per pixel and axis, Gaussian-smoothed (sigma px), times
+    alpha / 2 px (torchvision's alpha / size in [-1, 1] units). Returns [B, H, W, 2] in pixels (x, y)."""
+    noise = torch.rand(b, 2, h, w, device=device, generator=generator) * 2 - 1
+    if alpha == 0:
+        return torch.zeros(b, h, w, 2, device=device)
+    # torchvision's kernel is 8 sigma + 1 wide; reflect padding needs it narrower than twice the image.
+    radius = max(0, min(int(4 * sigma), h - 1, w - 1))
+    if sigma > 0 and radius > 0:
+        k = _gaussian_1d(torch.full((2,), sigma, device=device), radius)  # [2, 2r+1], one per axis channel
+        noise = F.pad(noise, (radius, radius, radius, radius), mode="reflect")
+        # Separable: a (1 x k) then a (k x 1) depthwise conv, 2k instead of k^2 multiply-adds per pixel.
+        noise = F.conv2d(noise, k.view(2, 1, 1, -1), groups=2)
+        noise = F.conv2d(noise, k.view(2, 1, -1, 1), groups=2)
+    return noise.permute(0, 2, 3, 1) * (alpha / 2)
+
+
+def warp(x: torch.Tensor, matrix: torch.Tensor, displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Resamples every image once: output pixel p (plus ``displacement[p]``, pixels) reads the input at
+    matrix @ p, bilinear, zero outside. One grid_sample for the whole batch."""
+    b, _, h, w = x.shape
+    ys = torch.arange(h, device=x.device, dtype=x.dtype) + 0.5 - h / 2
+    xs = torch.arange(w, device=x.device, dtype=x.dtype) + 0.5 - w / 2
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).expand(b, h, w, 2)  # [B, H, W, (x, y)]
+    if displacement is not None:
+        grid = grid + displacement
+    points = torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1).view(b, h * w, 3)
+    src = points @ matrix.transpose(1, 2)  # [B, HW, 3]
+    # grid_sample's [-1, 1] spans the outer pixel edges (align_corners=False): divide by half the size.
+    scale = torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype)
+    norm = (src[..., :2] / src[..., 2:]) * scale
+    return F.grid_sample(x, norm.view(b, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotation alone (per-sample angles [B]), for tests and callers that want one op."""
+    return warp(x, rotation_matrix(degrees.to(x.device, x.dtype)))
+
+
+# ---------------------------------------------------------------- photometric ops
+
+
+def _gaussian_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps [N, 2r+1] for N sigmas."""
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """3x3 Gaussian blur with a per-sample sigma [B] (reflect padding, like torchvision's GaussianBlur).
+
+    One depthwise conv over the batch folded into channels: sample b's C channels are groups with b's kernel.
+    """
+    b, c, h, w = x.shape
+    k1 = _gaussian_1d(sigma.to(x.dtype), 1)  # [B, 3]
+    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, dim=0)  # [B*C, 3, 3]
+    padded = F.pad(x.reshape(1, b * c, h, w), (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(padded, k2[:, None], groups=b * c).view(b, c, h, w)
+
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def random_grayscale(x: torch.Tensor, *, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replaces a random fraction ``p`` of the batch by its luma in all three channels; 1-channel data is unchanged."""
+    if x.shape[1] != 3:
+        return x
+    mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < p
+    weights = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    gray = (x * weights).sum(dim=1, keepdim=True)
+    return torch.where(mask, gray.expand_as(x), x)

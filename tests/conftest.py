@@ -1,0 +1,94 @@
+"""Shared test helpers: study files written into tmp_path, the CLI run in-process or as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hpsearch import cli
+
+TINY = 'dataset = "synthetic:classes=3,size=12,train=192,test=32"'
+# A space small enough that a trial takes well under a second on a CPU.
+TINY_SPACE = """
+[space]
+padding = "same"
+stride = 1
+conv_layers = [1, 2]
+channels = [4, 8]
+fc_layers = [1, 2]
+fc_width = [16, 32]
+batch_size = [32, 64]
+optimizer = ["adam", "sgd"]
+"""
+
+
+def study_text(name: str = "tiny", *, epochs: int = 2, n_trials: int = 3, extra: str = "", space: str = TINY_SPACE,
+               dataset: str = TINY) -> str:
+    return textwrap.dedent(f"""\
+        name = "{name}"
+        {dataset}
+        strategy = "scratch"
+        epochs = {epochs}
+        n_trials = {n_trials}
+        {extra}
+        """) + space
+
+
+@pytest.fixture
+def write_study(tmp_path: Path) -> Callable[..., Path]:
+    def write(filename: str = "study.toml", text: str | None = None, **kwargs: object) -> Path:
+        path = tmp_path / filename
+        path.write_text(text if text is not None else study_text(**kwargs))  # type: ignore[arg-type]
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own directory with its own data/cache dirs and no inherited storage URL."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HPSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HPSEARCH_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("HPSEARCH_STORAGE", raising=False)
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-2000:]!r})"
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    """``hpsearch ARGS`` in this process (fast); returns exit code, stdout and stderr."""
+
+    def run(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["hpsearch", *args])
+        # rich decides the width at import; a wide console keeps every message on one line.
+        monkeypatch.setattr(cli.console, "width", 200)
+        monkeypatch.setattr(cli.err_console, "width", 200)
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def spawn_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m hpsearch ARGS`` as a real process."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "hpsearch", *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

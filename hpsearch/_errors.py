@@ -9,3 +9,9 @@ class HpsearchError(Exception):
 
 class SpecError(HpsearchError):
     """Bad input: a study file, a search space or a command-line value (exit code 2)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (driver errors run to many lines), or its type's name."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from hpsearch import data as datasets
 from hpsearch._display import RunDisplay, summary_table
-from hpsearch._errors import HpsearchError, SpecError
+from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.objective import checkpoint_dir, make_objective
 from hpsearch.spec import StudySpec, load_spec
@@ -127,13 +127,17 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         objective = make_objective(spec, data, device=device, progress=display.epoch,
                                    checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
-                             on_trial_end=display.trial_end)
+                             on_trial_end=display.trial_end, on_storage_error=_storage_error)
     console.print(summary_table(study))
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)
     if outcome.error is not None:
         raise HpsearchError(f"every trial of this run failed; last error: {outcome.error}")
+
+
+def _storage_error(error: BaseException, retry_in: float) -> None:
+    err_console.print(f"warning: lost the database ({first_line(error)}); going on in {retry_in:g} s", soft_wrap=True)
 
 
 @app.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from hpsearch._errors import HpsearchError, SpecError
+from hpsearch._errors import HpsearchError, SpecError, first_line
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 # A worker writes a heartbeat this often while a trial runs; a RUNNING trial whose heartbeat is older than the
@@ -21,6 +22,7 @@ DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
 MAX_RETRY = 2  # a trial whose worker died is retried this many times
+TABLE_RACE_ATTEMPTS = 4
 SQLITE_BUSY_SECONDS = 120  # writers wait for the lock instead of failing with "database is locked"
 
 
@@ -35,26 +37,46 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
     except sqlalchemy.exc.ArgumentError:
         raise SpecError(f"--storage: {url!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
                         "postgresql+psycopg://user@host/db)") from None
-    engine_kwargs: dict = {}
+    # A server restart or a dropped idle connection is noticed before use, not in the middle of a trial.
+    engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             _prepare_sqlite(Path(parsed.database))
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}}
-    with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}
+    for attempt in range(TABLE_RACE_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=_env_seconds("HPSEARCH_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
-                grace_period=_env_seconds("HPSEARCH_GRACE_SECONDS", GRACE_SECONDS),
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY, inherit_intermediate_values=True),
-            )
+            return _rdb_storage(url, engine_kwargs)
         except ImportError as e:
             raise HpsearchError(f"--storage {_safe(parsed)}: the database driver is not installed ({e})") from None
         except Exception as e:  # connection refused, unknown database, permissions: all end the same way
-            raise HpsearchError(f"--storage {_safe(parsed)}: cannot open the database ({_first_line(e)})") from None
+            # Workers started together on an empty database race to create Optuna's tables; the loser sees a
+            # unique-key violation from the catalogue and simply opens the tables the winner made.
+            if _is_integrity_error(e) and attempt + 1 < TABLE_RACE_ATTEMPTS:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise HpsearchError(f"--storage {_safe(parsed)}: cannot open the database ({first_line(e)})") from None
+    raise AssertionError("unreachable")
+
+
+def _rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=_env_seconds("HPSEARCH_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
+            grace_period=_env_seconds("HPSEARCH_GRACE_SECONDS", GRACE_SECONDS),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=MAX_RETRY, inherit_intermediate_values=True),
+        )
+
+
+def _is_integrity_error(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _env_seconds(name: str, default: int) -> int:
@@ -81,8 +103,3 @@ def _prepare_sqlite(path: Path) -> None:
 
 def _safe(url: sqlalchemy.engine.URL) -> str:
     return url.render_as_string(hide_password=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
-from hpsearch._errors import HpsearchError, SpecError
+from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.spec import StudySpec, spec_from_dict
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DB_RETRY_SECONDS = 5  # after a lost database connection, wait this long before going on
+DB_OUTAGE_SECONDS = 600  # give up (exit 1) when the database stays unreachable this long
 
 
 def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -118,18 +122,25 @@ def run_trials(
     n_trials: int | None,
     timeout: float | None,
     on_trial_end: Any = None,
+    on_storage_error: Any = None,
 ) -> RunOutcome:
     """Runs until the study holds ``n_trials`` finished (complete + pruned) trials, all workers counted,
     or ``timeout`` seconds pass. Every worker stops at the total; up to one trial per extra worker may
-    already be running then and finishes too."""
+    already be running then and finishes too.
+
+    A database outage (server restart, network) does not end the run: it waits and goes on. The trial that
+    was running is left to its heartbeat: once stale it is failed and retried from its checkpoint.
+    """
     finished = count_finished(study)
     outcome = RunOutcome(ran=0, finished_before=finished)
-    if n_trials is not None and finished >= n_trials:
-        return outcome
+    budget = None if n_trials is None else n_trials - finished  # bounds this process even if every trial fails
+    deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []
+    outage_since: list[float] = []  # start of the current database outage, if any
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         outcome.ran += 1
+        outage_since.clear()
         if trial.state == TrialState.FAIL:
             failures.append(trial.user_attrs.get("error", "unknown error"))
         if on_trial_end is not None:
@@ -138,19 +149,58 @@ def run_trials(
             study.stop()
 
     optuna.logging.get_logger("optuna").addFilter(_quiet_independent_sampling)
-    try:
-        study.optimize(
-            objective,
-            n_trials=None if n_trials is None else n_trials - finished,  # bounds this process even if all fail
-            timeout=timeout,
-            callbacks=[after_trial],
-            catch=(Exception,),  # one broken configuration (out of memory, say) must not end the study
-        )
-    except KeyboardInterrupt:
-        outcome.interrupted = True  # Optuna has already marked the running trial FAIL
+    while budget is None or outcome.ran < budget:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        try:
+            study.optimize(
+                objective,
+                n_trials=None if budget is None else budget - outcome.ran,
+                timeout=left,
+                callbacks=[after_trial],
+                catch=(Exception,),  # one broken configuration (out of memory, say) must not end the study
+            )
+            break
+        except KeyboardInterrupt:
+            outcome.interrupted = True  # Optuna has already marked the running trial FAIL
+            break
+        except Exception as e:
+            if not _lost_database(e):
+                raise
+            outage_since.append(time.monotonic())
+            if time.monotonic() - outage_since[0] > DB_OUTAGE_SECONDS:
+                raise HpsearchError(f"the database has been unreachable for over {DB_OUTAGE_SECONDS} s "
+                                    f"({first_line(e)}); finished trials are safe, run again to resume") from None
+            if on_storage_error is not None:
+                on_storage_error(e, DB_RETRY_SECONDS)
+            time.sleep(DB_RETRY_SECONDS)
+            finished_now = _count_or_none(study)
+            if n_trials is not None and finished_now is not None and finished_now >= n_trials:
+                break
     if failures and len(failures) == outcome.ran:
         outcome.error = failures[-1]
     return outcome
+
+
+DB_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+def _lost_database(e: BaseException | None) -> bool:
+    """Whether a database error is behind ``e``: Optuna can raise a secondary error while handling one
+    (its own clean-up queries fail too), so the whole chain is searched."""
+    while e is not None:
+        if isinstance(e, DB_ERRORS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _count_or_none(study: optuna.Study) -> int | None:
+    try:
+        return count_finished(study)
+    except DB_ERRORS:
+        return None
 
 
 def _quiet_independent_sampling(record: logging.LogRecord) -> bool:

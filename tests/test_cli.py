@@ -67,7 +67,7 @@ def test_two_processes_share_one_sqlite_file(write_study, tmp_path: Path):
     path = write_study(n_trials=8, epochs=1)
     procs = [spawn_cli("run", str(path), cwd=tmp_path) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
+    for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
         assert "locked" not in err.lower() and "Traceback" not in err
     trials = _study().get_trials()

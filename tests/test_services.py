@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import spawn_cli, study_text
+from tests.conftest import spawn_cli
 
 PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 

@@ -30,6 +30,7 @@ from hpsearch.storage import open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
+    finished_if_exists,
     load_existing,
     load_spec_from_study,
     open_study,
@@ -105,10 +106,10 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
-    study = open_study(spec, rdb, force=force)
     target = n_trials or spec.n_trials
-    finished = count_finished(study)
-    if target is not None and finished >= target:
+    finished = finished_if_exists(rdb, spec.name)
+    if target is not None and finished is not None and finished >= target:
+        study = open_study(spec, rdb, force=force)  # still refuses a changed study file
         console.print(f"study {spec.name!r} already holds {finished} finished trials (target {target}); "
                       "nothing to run. Raise --n-trials to run more.")
         console.print(summary_table(study))
@@ -116,9 +117,12 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if device.type == "cpu":
         configure_threads(threads)
     cache = cache_dir or datasets.default_cache_dir()
+    # Data first: a dataset that cannot be read leaves the database untouched.
     data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
+    study = open_study(spec, rdb, force=force)
+    finished = count_finished(study)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
@@ -258,3 +262,22 @@ def delete(
     shutil.rmtree(checkpoint_dir((cache_dir or datasets.default_cache_dir()) / "checkpoints",
                                  storage_url(storage), name), ignore_errors=True)
     console.print(f"deleted study {name!r} ({n} trials)")
+
+
+@app.command()
+def dashboard(
+    storage: str | None = StorageOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port to listen on."),
+) -> None:
+    """Browse the studies in optuna-dashboard (blocks; Ctrl-C stops it)."""
+    import optuna_dashboard
+
+    rdb = open_storage(storage)
+    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)")
+    try:
+        optuna_dashboard.run_server(rdb, host=host, port=port)
+    except OSError as e:
+        raise HpsearchError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    except KeyboardInterrupt:
+        pass

@@ -103,6 +103,13 @@ def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Stu
         raise SpecError(f"study {name!r} does not exist in this storage; studies: {known}") from None
 
 
+def finished_if_exists(storage: optuna.storages.BaseStorage, name: str) -> int | None:
+    """Finished trials of study ``name``, or None when there is no such study (nothing is created)."""
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    return count_finished(optuna.load_study(storage=storage, study_name=name))
+
+
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 

@@ -159,3 +159,34 @@ def test_missing_dataset_files_say_where_they_were_looked_for(run_cli, write_stu
     assert result.err.startswith(f"error: dataset 'mnist': no files found in {tmp_path / 'empty' / 'mnist'}")
     assert "the download failed (URLError: no network); put the four IDX files" in result.err
     assert result.err.count("\n") == 1
+    assert optuna.get_all_study_names(STORAGE) == []  # no half-made study
+
+
+def test_dashboard_serves_the_studies(run_cli, write_study, tmp_path: Path):
+    import socket
+    import time
+    import urllib.request
+
+    assert run_cli("run", str(write_study(n_trials=1))).code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = spawn_cli("dashboard", "--port", str(port), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    studies = json.loads(response.read())["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.3)
+        assert [s["study_name"] for s in studies] == ["tiny"]
+        attrs = {a["key"]: a["value"] for a in studies[0]["user_attrs"]}
+        assert attrs["strategy"] == "scratch" and attrs["dataset"].startswith("synthetic")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -123,7 +123,8 @@ def build(config: ZooConfig, info: DataInfo) -> Built:
     elif config.model == "resnet18":
         resnet = net = tvm.resnet18(num_classes=n)
         if config.stem == "cifar":  # the standard small-image ResNet18: keep full resolution into layer1
-            resnet.conv1 = _conv_like(nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False), c, kaiming=True)
+            resnet.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(resnet.conv1.weight, mode="fan_out", nonlinearity="relu")
             resnet.maxpool = nn.Identity()
         elif c != 3:
             resnet.conv1 = _conv_like(resnet.conv1, c, kaiming=True)

@@ -190,3 +190,11 @@ def test_dashboard_serves_the_studies(run_cli, write_study, tmp_path: Path):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_image_folder_that_is_not_there(run_cli, write_study, tmp_path: Path):
+    result = run_cli("run", str(write_study(dataset='dataset = "folder:holiday-pics"')))
+    assert (result.code, result.err) == (
+        2, f"error: dataset 'folder:holiday-pics': {tmp_path / 'data' / 'holiday-pics' / 'train'} has no class "
+           "folders (expected train/<class>/*)\n")
+    assert not (tmp_path / "hpsearch.db").exists() or optuna.get_all_study_names(STORAGE) == []

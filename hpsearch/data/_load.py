@@ -162,7 +162,10 @@ def _download(name: str, root: Path) -> str:
 
 def _read_folder(name: str, data_dir: Path, cache_dir: Path) -> Raw:
     path = Path(name.removeprefix("folder:")).expanduser()
-    return _read_folder_root(path if path.is_absolute() else data_dir / path, cache_dir)
+    root = path if path.is_absolute() else data_dir / path
+    if not readers.folder_classes(root):  # a bad path in the study file (or --data-dir): bad input, exit 2
+        raise SpecError(f"dataset {name!r}: {root / 'train'} has no class folders (expected train/<class>/*)")
+    return _read_folder_root(root, cache_dir)
 
 
 def _read_folder_root(root: Path, cache_dir: Path) -> Raw:

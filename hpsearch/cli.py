@@ -24,6 +24,7 @@ from hpsearch import data as datasets
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
+from hpsearch.launch import launch
 from hpsearch.objective import checkpoint_dir, make_objective
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.storage import open_storage, storage_url
@@ -53,6 +54,9 @@ DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | 
 NTrialsOpt = typer.Option(None, "--n-trials", min=1, help="Run until the study holds this many finished trials.")
 TimeoutOpt = typer.Option(None, "--timeout", min=1, help="Stop starting trials after this many seconds.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for training (default: available cores).")
+WorkersOpt = typer.Option(1, "--workers", min=1,
+                          help="Worker processes here: GPUs dealt round robin, CPU cores split between them.")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile each trial's model (see benchmarks/README.md).")
 
 
 def main() -> None:
@@ -78,11 +82,14 @@ def run(
     cache_dir: Path | None = CacheDirOpt,
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
+    workers: int = WorkersOpt,
+    compile: bool = CompileOpt,
     force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
 ) -> None:
     """Create or resume the study of STUDY_FILE and run trials until it holds n_trials finished trials."""
     spec = load_spec(study_file)
-    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force)
+    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
+         compile=compile)
 
 
 @app.command()
@@ -95,14 +102,18 @@ def worker(
     cache_dir: Path | None = CacheDirOpt,
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
+    workers: int = WorkersOpt,
+    compile: bool = CompileOpt,
 ) -> None:
     """Join an existing study by name (its study file is stored in the database) and run trials."""
     spec = load_spec_from_study(open_storage(storage), name)
-    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False)
+    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
+         compile=compile)
 
 
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
-         cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool) -> None:
+         cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
+         compile: bool = False) -> None:
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
@@ -114,9 +125,20 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                       "nothing to run. Raise --n-trials to run more.")
         console.print(summary_table(study))
         return
+    cache = cache_dir or datasets.default_cache_dir()
+    if workers > 1:
+        # Read once here: a bad dataset fails before the study exists, and a folder's decoded cache is written
+        # once instead of raced by K workers. Each worker then loads it onto its own device.
+        datasets.read_raw(spec.dataset, data_dir or datasets.default_data_dir(), cache)
+        study = open_study(spec, rdb, force=force)
+        code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
+                      data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file)
+        console.print(summary_table(study))
+        if code:
+            raise SystemExit(code)
+        return
     if device.type == "cpu":
         configure_threads(threads)
-    cache = cache_dir or datasets.default_cache_dir()
     # Data first: a dataset that cannot be read leaves the database untouched.
     data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
@@ -128,7 +150,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
                   soft_wrap=True)
     with RunDisplay(console, study, target) as display:
-        objective = make_objective(spec, data, device=device, progress=display.epoch,
+        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile,
                                    checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=display.trial_end, on_storage_error=_storage_error)
@@ -147,9 +169,9 @@ def _storage_error(error: BaseException, retry_in: float) -> None:
 @app.command()
 def studies(storage: str | None = StorageOpt) -> None:
     """One row per study: name, strategy, dataset, trials by state, best value."""
-    summaries = optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True)
-    table = Table("name", "strategy", "dataset", "complete", "pruned", "fail", "running", "best")
     rdb = open_storage(storage)
+    summaries = optuna.get_all_study_summaries(rdb, include_best_trial=True)
+    table = Table("name", "strategy", "dataset", "complete", "pruned", "fail", "running", "best")
     for s in summaries:
         trials = optuna.load_study(storage=rdb, study_name=s.study_name).get_trials(deepcopy=False)
         counts = {st: sum(t.state == st for t in trials) for st in TrialState}

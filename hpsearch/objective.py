@@ -39,6 +39,7 @@ def make_objective(
     device: torch.device,
     checkpoints: Path | None = None,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> Callable[[optuna.Trial], float]:
     strategy = STRATEGIES[spec.strategy]
 
@@ -88,7 +89,8 @@ def make_objective(
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} with val accuracy {value:.4f}")
 
         try:
-            result = fit(built, data, config.train, device=device, seed=seed, on_epoch=on_epoch, checkpoint=checkpoint)
+            result = fit(built, data, config.train, device=device, seed=seed, on_epoch=on_epoch, checkpoint=checkpoint,
+                         compile=compile)
         except Diverged as e:
             trial.set_user_attr("diverged", str(e))
             raise optuna.TrialPruned(f"diverged: {e}") from None

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -124,8 +124,9 @@ class BatchPrep:
 
     def __call__(self, x: torch.Tensor, augmentation: str = "none",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        x = augment(x.float(), augmentation, flip=self.flip, generator=generator)
-        x = torch.addcmul(self.shift, x, self.scale)
+        # Cropped while still uint8 (a quarter of the bytes of float); the levels that resample return float.
+        x = augment(x, augmentation, flip=self.flip, generator=generator)
+        x = torch.addcmul(self.shift, x.float(), self.scale)
         if self.size is not None and self.size != x.shape[-1]:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -152,10 +153,13 @@ def fit(
     seed: int,
     on_epoch: EpochHook | None = None,
     checkpoint: Path | None = None,
+    compile: bool = False,
 ) -> FitResult:
     """Trains ``config.epochs`` epochs; returns the curves and the best validation accuracy.
 
     With ``checkpoint``, state is saved after every epoch and a run that finds one resumes after its epoch.
+    With ``compile``, the forward pass goes through ``torch.compile`` (its cost is paid per architecture, so per
+    trial: see benchmarks/README.md for when it pays).
     """
     model = built.model.to(device)
     if device.type == "cuda":
@@ -181,6 +185,8 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
         result, start = FitResult(**state["result"]), state["epoch"] + 1
+    # A compiled module wraps ``model``: checkpoints keep saving ``model``'s plain state_dict keys.
+    forward = cast(nn.Module, torch.compile(model)) if compile else model
 
     n = len(data.train)
     bs = min(config.batch_size, n)
@@ -194,7 +200,7 @@ def fit(
             idx = perm[step * bs : (step + 1) * bs]
             x = prep(data.train.x[idx], config.augmentation, generator)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = F.cross_entropy(model(x), data.train.y[idx], label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(forward(x), data.train.y[idx], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -203,7 +209,7 @@ def fit(
         train_loss = loss_sum.item() / steps  # host sync, once per epoch
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss is {train_loss} at epoch {epoch}")
-        val_acc = evaluate(model, data.val, prep, device)
+        val_acc = evaluate(forward, data.val, prep, device)
         if scheduler is not None:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val_acc)

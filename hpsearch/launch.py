@@ -1,0 +1,132 @@
+"""``--workers K``: K worker processes on one study, each pinned to a device.
+
+GPUs are dealt round robin (worker i on ``cuda:{i mod G}``); the CPU cores are split into K equal sets, each
+worker pinned to its set with ``cores // K`` threads, so K small trials run side by side instead of K thread
+pools fighting over the same cores. Each worker is an ordinary ``hpsearch worker`` process (a crash of one does
+not end the others; the study's heartbeats retry its trial), its output lines prefixed with its number.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from hpsearch._errors import SpecError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker runs."""
+
+    device: str  # "cpu", "cuda:1", "mps"
+    threads: int  # torch intra-op threads
+    cpus: tuple[int, ...] | None  # CPU affinity; None where the platform cannot pin (macOS, Windows)
+
+
+def plan(workers: int, device: torch.device, *, gpus: int, cpus: Sequence[int] | None) -> list[Slot]:
+    """Slots for ``workers`` processes. ``device`` is the resolved ``--device``: plain ``cuda`` spreads the
+    workers over ``gpus`` devices, ``cuda:N`` (and ``mps``, ``cpu``) puts them all on that one. ``cpus`` is the
+    affinity set to split (None: do not pin; threads are then ``os.cpu_count() // workers``)."""
+    if workers < 1:
+        raise SpecError(f"--workers: the value is {workers}, but must be --workers >= 1")
+    if device.type == "cuda" and device.index is None and gpus < 1:
+        raise SpecError("--device: 'cuda' was asked for, but PyTorch sees no CUDA device here")
+    n_cpus = len(cpus) if cpus is not None else (os.cpu_count() or 1)
+    threads = max(1, n_cpus // workers)
+    slots = []
+    for i in range(workers):
+        if device.type == "cuda" and device.index is None:
+            name = f"cuda:{i % gpus}"
+        else:
+            name = str(device)
+        pinned = None
+        if cpus is not None:
+            cores = list(cpus)
+            # More workers than cores: each gets one core, shared round robin.
+            pinned = tuple(cores[i * threads : (i + 1) * threads]) if workers <= n_cpus else (cores[i % n_cpus],)
+        slots.append(Slot(device=name, threads=threads, cpus=pinned))
+    return slots
+
+
+def local_plan(workers: int, device: torch.device) -> list[Slot]:
+    """``plan`` for this machine: its visible GPUs and this process's CPU affinity."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return plan(workers, device, gpus=gpus, cpus=cpus)
+
+
+def worker_command(study: str, slot: Slot, *, storage: str, n_trials: int | None, timeout: float | None,
+                   data_dir: Path | None, cache_dir: Path | None, compile: bool) -> list[str]:
+    """The ``hpsearch worker`` command line of one slot."""
+    cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--storage", storage, "--device", slot.device,
+           "--threads", str(slot.threads)]
+    if n_trials is not None:
+        cmd += ["--n-trials", str(n_trials)]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    if compile:
+        cmd.append("--compile")
+    return cmd
+
+
+def launch(study: str, workers: int, device: torch.device, *, storage: str, n_trials: int | None,
+           timeout: float | None, data_dir: Path | None, cache_dir: Path | None, compile: bool,
+           out: IO[str] | None = None) -> int:
+    """Runs ``workers`` ``hpsearch worker`` processes on ``study`` (which must exist) until they end; returns
+    the exit code for the command that launched them."""
+    slots = local_plan(workers, device)
+    commands = [worker_command(study, slot, storage=storage, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
+                               cache_dir=cache_dir, compile=compile) for slot in slots]
+    return run_workers(commands, slots, out=out)
+
+
+def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO[str] | None = None) -> int:
+    """Starts one process per command (pinned to its slot's cores), relays their output line by line as
+    ``[w<i> <device>] line``, and waits for all. Returns 0, 130 if any was interrupted, else the first
+    failing worker's exit code."""
+    out = out or sys.stdout
+    lock = threading.Lock()
+    procs: list[subprocess.Popen[str]] = []
+    relays: list[threading.Thread] = []
+    for i, (cmd, slot) in enumerate(zip(commands, slots, strict=True)):
+        pin = slot.cpus
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            # Affinity set in the child before torch starts its thread pool: threads inherit it.
+            preexec_fn=(lambda cores=pin: os.sched_setaffinity(0, cores)) if pin else None,
+        )
+        procs.append(proc)
+        relay = threading.Thread(target=_relay, args=(proc, f"[w{i} {slot.device}] ", out, lock), daemon=True)
+        relay.start()
+        relays.append(relay)
+    codes = []
+    try:
+        for proc in procs:
+            codes.append(proc.wait())
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the workers too: let them mark their trials
+        codes = [proc.wait() for proc in procs]
+    for relay in relays:
+        relay.join()
+    if 130 in codes or any(c < 0 for c in codes):
+        return 130
+    return next((c for c in codes if c != 0), 0)
+
+
+def _relay(proc: subprocess.Popen[str], prefix: str, out: IO[str], lock: threading.Lock) -> None:
+    assert proc.stdout is not None  # Popen(stdout=PIPE) always has it
+    for line in proc.stdout:
+        with lock:
+            out.write(prefix + line)
+            out.flush()

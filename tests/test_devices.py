@@ -1,0 +1,68 @@
+"""The CUDA/MPS decisions, checked on a CPU-only machine by standing in for torch's device probes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpsearch._errors import SpecError
+from hpsearch.devices import autocast_dtype, configure_threads, resolve_device
+from hpsearch.train import BatchPrep, Built
+
+
+def test_autocast_is_off_on_cpu_and_mps() -> None:
+    assert autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("mps")) is None
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_autocast_on_cuda_is_bf16_where_supported_else_fp16(monkeypatch: pytest.MonkeyPatch, bf16: bool,
+                                                            expected: torch.dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert autocast_dtype(torch.device("cuda")) == expected
+    assert autocast_dtype(torch.device("cuda:1")) == expected
+
+
+def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_a_device_that_is_not_there_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SpecError, match=r"^--device: 'cuda:0' was asked for, but PyTorch sees no CUDA device here$"):
+        resolve_device("cuda:0")
+    with pytest.raises(SpecError, match=r"^--device: 'tpu' is not a device; allowed: auto, cpu, cuda, mps, cuda:N$"):
+        resolve_device("tpu")
+
+
+def test_configure_threads_sets_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_batch_prep_normalises_uint8_in_one_step_and_uses_channels_last_only_on_cuda() -> None:
+    from hpsearch.data import Data, DataInfo, Split
+
+    info = DataInfo(name="t", channels=3, height=8, width=8, num_classes=2, mean=(0.5, 0.25, 0.0),
+                    std=(0.5, 0.25, 1.0), flip=True, classes=("a", "b"))
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    data = Data(train=Split(x, torch.zeros(4, dtype=torch.int64)), val=Split(x, torch.zeros(4, dtype=torch.int64)),
+                info=info)
+    built = Built(model=torch.nn.Identity(), param_groups=[])
+    out = BatchPrep(data, built, torch.device("cpu"))(x)
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, (x.float() / 255 - mean) / std, atol=1e-5)
+    assert out.is_contiguous()  # CPU: channels_last measured slower for small convs (benchmarks/README.md)

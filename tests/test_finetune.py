@@ -3,9 +3,6 @@ frozen-trunk feature cache against the uncached path, and a CLI run on synthetic
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import urllib.error
 from dataclasses import replace
 from pathlib import Path
@@ -227,17 +224,14 @@ def test_shipped_studies_load(name):
     assert spec.strategy == "finetune" and spec.train_fraction < 1
 
 
-def test_cli_runs_one_finetune_trial_on_synthetic_data(resnet18_file, tmp_path):
+def test_cli_runs_one_finetune_trial_on_synthetic_data(resnet18_file, tmp_path, run_cli):
     study = tmp_path / "study.toml"
     study.write_text(f'name = "ft-cli"\ndataset = "synthetic:channels=3,size=12,train=128,test=16"\n'
                      f'strategy = "finetune"\nepochs = 2\nn_trials = 1\n'
                      f'[space]\nweights = "{resnet18_file}"\nunfreeze = "fc"\ninput_size = 32\n'
                      f'augmentation = "none"\nbatch_size = 32\nhead_layers = 1\n')
-    env = {**os.environ, "HPSEARCH_CACHE": str(tmp_path / "cache"), "HPSEARCH_DATA": str(tmp_path / "data")}
-    done = subprocess.run([sys.executable, "-m", "hpsearch", "run", str(study), "--device", "cpu",
-                           "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = run_cli("run", str(study), "--device", "cpu", "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert done.code == 0, done
     (trial,) = optuna.load_study(study_name="ft-cli", storage=f"sqlite:///{tmp_path / 'db.sqlite'}").trials
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("error")
     assert trial.user_attrs["config"]["unfreeze"] == "fc"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -103,13 +100,6 @@ def test_shipped_study_loads():
     assert spec.strategy == "zoo" and spec.train_fraction < 1
 
 
-def run_cli(tmp_path: Path, study: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HPSEARCH_CACHE": str(tmp_path / "cache"), "HPSEARCH_DATA": str(tmp_path / "data")}
-    return subprocess.run([sys.executable, "-m", "hpsearch", "run", str(write(tmp_path, study)), "--device", "cpu",
-                           "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-
-
 def completed_trial(tmp_path: Path, name: str) -> optuna.trial.FrozenTrial:
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
     (trial,) = study.trials
@@ -117,11 +107,12 @@ def completed_trial(tmp_path: Path, name: str) -> optuna.trial.FrozenTrial:
     return trial
 
 
-def test_cli_runs_one_resnet18_trial_on_one_channel_synthetic_data(tmp_path):
-    done = run_cli(tmp_path, 'name = "zoo-cli"\ndataset = "synthetic:channels=1,size=12,train=128,test=16"\n'
-                             'strategy = "zoo"\nepochs = 1\nn_trials = 1\n'
-                             '[space]\nmodel = "resnet18"\ninput_size = 16\nbatch_size = 32\n')
-    assert done.returncode == 0, done.stderr
+def test_cli_runs_one_resnet18_trial_on_one_channel_synthetic_data(tmp_path, run_cli):
+    study = write(tmp_path, 'name = "zoo-cli"\ndataset = "synthetic:channels=1,size=12,train=128,test=16"\n'
+                            'strategy = "zoo"\nepochs = 1\nn_trials = 1\n'
+                            '[space]\nmodel = "resnet18"\ninput_size = 16\nbatch_size = 32\n')
+    done = run_cli("run", str(study), "--device", "cpu", "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert done.code == 0, done
     trial = completed_trial(tmp_path, "zoo-cli")
     assert trial.params["input_size_resnet18"] == 16
     assert trial.user_attrs["config"]["model"] == "resnet18"
@@ -129,9 +120,10 @@ def test_cli_runs_one_resnet18_trial_on_one_channel_synthetic_data(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "size"), [("alexnet", 63), ("vgg16", 32)])
-def test_cli_runs_alexnet_and_vgg16(tmp_path, model, size):
-    done = run_cli(tmp_path, f'name = "zoo-{model}"\ndataset = "synthetic:channels=3,size=12,train=64,test=16"\n'
-                             f'strategy = "zoo"\nepochs = 1\nn_trials = 1\n'
-                             f'[space]\nmodel = "{model}"\ninput_size = {size}\nbatch_size = 32\noptimizer = "sgd"\n')
-    assert done.returncode == 0, done.stderr
+def test_cli_runs_alexnet_and_vgg16(tmp_path, run_cli, model, size):
+    study = write(tmp_path, f'name = "zoo-{model}"\ndataset = "synthetic:channels=3,size=12,train=64,test=16"\n'
+                            f'strategy = "zoo"\nepochs = 1\nn_trials = 1\n'
+                            f'[space]\nmodel = "{model}"\ninput_size = {size}\nbatch_size = 32\noptimizer = "sgd"\n')
+    done = run_cli("run", str(study), "--device", "cpu", "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert done.code == 0, done
     assert completed_trial(tmp_path, f"zoo-{model}").params[f"input_size_{model}"] == size

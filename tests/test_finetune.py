@@ -182,6 +182,22 @@ def test_training_on_cached_trunk_outputs_matches_the_uncached_path(resnet18_fil
     torch.testing.assert_close(with_cache.train_loss, without.train_loss, rtol=5e-3, atol=0)
 
 
+def test_a_trial_trained_on_cached_outputs_resumes_from_its_checkpoint(resnet18_file, tmp_path):
+    data = synthetic()
+    train = replace(TRAIN, epochs=3, optimizer="adam", lr=1e-3)
+    torch.manual_seed(0)
+    straight = fit(finetune.build(config(resnet18_file), data.info), data, train, device=torch.device("cpu"), seed=0)
+    checkpoint = tmp_path / "trial.pt"
+    torch.manual_seed(0)
+    fit(finetune.build(config(resnet18_file), data.info), data, replace(train, epochs=2), device=torch.device("cpu"),
+        seed=0, checkpoint=checkpoint)
+    torch.manual_seed(1)  # a retried trial's fresh head: its checkpoint must replace it
+    resumed = fit(finetune.build(config(resnet18_file), data.info), data, train, device=torch.device("cpu"), seed=0,
+                  checkpoint=checkpoint)
+    assert resumed.val_accuracy == straight.val_accuracy
+    assert resumed.train_loss == straight.train_loss
+
+
 def test_trunk_outputs_are_reused_across_trials_and_bounded(resnet18_file, monkeypatch):
     feature_cache.clear()
     data = synthetic()

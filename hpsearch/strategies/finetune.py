@@ -116,7 +116,8 @@ def suggest(trial: optuna.Trial, space: Space, epochs: int, info: DataInfo) -> F
 @dataclass(frozen=True)
 class Weights:
     state: dict[str, torch.Tensor]
-    source: str  # what they are, for messages and the feature-cache key
+    name: str  # for messages: the torchvision weights' name or the file's path
+    identity: str  # for the feature-cache key: the name, and for a file its mtime and size too
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -134,7 +135,7 @@ def load_weights(backbone: str, weights: str) -> Weights:
                 f'weights "imagenet" for {backbone}: {cached} is not there and downloading {api.url} failed '
                 f"({type(e).__name__}: {reason}); put that file there, or set weights in [space] to the path of a "
                 f"{backbone} state_dict file") from None
-        return Weights(state, str(api), tuple(preprocess.mean), tuple(preprocess.std))
+        return Weights(state, str(api), str(api), tuple(preprocess.mean), tuple(preprocess.std))
     path = Path(weights).expanduser()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -144,7 +145,8 @@ def load_weights(backbone: str, weights: str) -> Weights:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HpsearchError(f"weights {weights!r}: is not a state_dict (a dict of tensor names to tensors)")
     stat = path.stat()  # a file rewritten in place must not hit features cached from its old content
-    return Weights(state, f"{path.resolve()}@{stat.st_mtime_ns}:{stat.st_size}", IMAGENET_MEAN, IMAGENET_STD)
+    return Weights(state, str(path), f"{path.resolve()}@{stat.st_mtime_ns}:{stat.st_size}", IMAGENET_MEAN,
+                   IMAGENET_STD)
 
 
 def pretrained(backbone: str, weights: Weights) -> tvm.ResNet:
@@ -154,11 +156,11 @@ def pretrained(backbone: str, weights: Weights) -> tvm.ResNet:
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches are raised even with strict=False
-        raise HpsearchError(f"weights {weights.source}: do not fit {backbone} "
+        raise HpsearchError(f"weights {weights.name}: do not fit {backbone} "
                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise HpsearchError(f"weights {weights.source}: do not fit {backbone} ({len(missing)} missing keys, e.g. "
+        raise HpsearchError(f"weights {weights.name}: do not fit {backbone} ({len(missing)} missing keys, e.g. "
                             f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
     assert isinstance(net, tvm.ResNet)
     return net
@@ -237,7 +239,7 @@ def build(config: FinetuneConfig, info: DataInfo) -> Built:
 
     precomputed = None
     if config.unfreeze != "all":  # with "all" nothing but the grey-to-RGB step is frozen: nothing to save
-        key = (config.backbone, weights.source, config.unfreeze, config.input_size, info.channels)
+        key = (config.backbone, weights.identity, config.unfreeze, config.input_size, info.channels)
         precomputed = Precomputed(model=model.top,
                                   inputs=functools.partial(feature_cache.trunk_features, key, model.trunk))
     return Built(model=model, param_groups=groups, input_size=config.input_size, mean=mean, std=std,

@@ -21,6 +21,8 @@ the forward transform the name describes).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -153,7 +155,11 @@ def perspective_matrix(b: int, h: int, w: int, *, distortion: float, p: float, d
     amount = torch.rand(b, 4, 2, device=device, generator=generator) * distortion * half
     apply = (torch.rand(b, 1, 1, device=device, generator=generator) < p).float()
     moved = corners + inward * amount * apply  # [B, 4, 2]: where each corner lands in the output
-    return homography(moved, corners.expand(b, 4, 2))
+    # Solved in half-size units (coordinates within [-1, 1]: a well-conditioned float32 system), then scaled back.
+    unit = homography(moved / half, (corners / half).expand(b, 4, 2))
+    to_unit = torch.diag(torch.tensor([2 / w, 2 / h, 1.0], device=device))
+    from_unit = torch.diag(torch.tensor([w / 2, h / 2, 1.0], device=device))
+    return from_unit @ unit @ to_unit
 
 
 def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -165,26 +171,37 @@ def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
     a = torch.cat([rows_u, rows_v], dim=1)  # [B, 8, 8]
     rhs = torch.cat([u, v], dim=1)  # [B, 8]
-    # float64: corner products reach (size/2)^2, and an ill-conditioned float32 solve would tilt the image.
-    coef = torch.linalg.solve(a.double(), rhs.double()).to(src.dtype)
+    coef = torch.linalg.solve(a, rhs)
     return torch.cat([coef, torch.ones_like(coef[:, :1])], dim=1).view(-1, 3, 3)
 
 
 def elastic_displacement(b: int, h: int, w: int, *, alpha: float, sigma: float, device: torch.device,
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """ElasticTransform's field: uniform(-1, 1) noise per pixel and axis, Gaussian-smoothed (sigma px), times
-    alpha / 2 px (torchvision's alpha / size in [-1, 1] units). Returns [B, H, W, 2] in pixels (x, y)."""
-    noise = torch.rand(b, 2, h, w, device=device, generator=generator) * 2 - 1
+    alpha / 2 px (torchvision's alpha / size in [-1, 1] units). Returns [B, H, W, 2] in pixels (x, y).
+
+    The smoothing runs on a grid ``f`` times coarser (f ~ sigma / 1.25): noise there has the std of an f x f
+    average of per-pixel noise (1/f of it), is blurred with sigma / f, and is upsampled bilinearly; what is lost
+    is only detail the blur removes anyway (alpha 50, sigma 5, 32x32: displacement std 0.95 px against 1.04 px
+    for the full-resolution blur, mean neighbour difference 0.077 against 0.098 px). The full-resolution blur,
+    torchvision's 41-tap kernel at sigma 5, made ``stronger`` cost 3.03 s against ``strong``'s 1.66 s per 10,000
+    CIFAR images on 2 CPU threads; this field: 1.20 s against 0.99 s.
+    """
+    f = max(1, min(int(sigma / 1.25), h // 2, w // 2))
+    hc, wc = -(-h // f), -(-w // f)
+    noise = (torch.rand(b, 2, hc, wc, device=device, generator=generator) * 2 - 1) / f
     if alpha == 0:
         return torch.zeros(b, h, w, 2, device=device)
-    # torchvision's kernel is 8 sigma + 1 wide; reflect padding needs it narrower than twice the image.
-    radius = max(0, min(int(4 * sigma), h - 1, w - 1))
+    # torchvision's kernel reaches 4 sigma; reflect padding needs it shorter than the (coarse) image.
+    radius = max(0, min(int(4 * sigma / f), hc - 1, wc - 1))
     if sigma > 0 and radius > 0:
-        k = _gaussian_1d(torch.full((2,), sigma, device=device), radius)  # [2, 2r+1], one per axis channel
+        k = _gaussian_1d(torch.full((2,), sigma / f, device=device), radius)  # [2, 2r+1], one per axis channel
         noise = F.pad(noise, (radius, radius, radius, radius), mode="reflect")
         # Separable: a (1 x k) then a (k x 1) depthwise conv, 2k instead of k^2 multiply-adds per pixel.
         noise = F.conv2d(noise, k.view(2, 1, 1, -1), groups=2)
         noise = F.conv2d(noise, k.view(2, 1, -1, 1), groups=2)
+    if f > 1:
+        noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
     return noise.permute(0, 2, 3, 1) * (alpha / 2)
 
 
@@ -192,17 +209,27 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, displacement: torch.Tensor | Non
     """Resamples every image once: output pixel p (plus ``displacement[p]``, pixels) reads the input at
     matrix @ p, bilinear, zero outside. One grid_sample for the whole batch."""
     b, _, h, w = x.shape
-    ys = torch.arange(h, device=x.device, dtype=x.dtype) + 0.5 - h / 2
-    xs = torch.arange(w, device=x.device, dtype=x.dtype) + 0.5 - w / 2
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).expand(b, h, w, 2)  # [B, H, W, (x, y)]
-    if displacement is not None:
-        grid = grid + displacement
-    points = torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1).view(b, h * w, 3)
-    src = points @ matrix.transpose(1, 2)  # [B, HW, 3]
-    # grid_sample's [-1, 1] spans the outer pixel edges (align_corners=False): divide by half the size.
-    scale = torch.tensor([2 / w, 2 / h], device=x.device, dtype=x.dtype)
-    norm = (src[..., :2] / src[..., 2:]) * scale
-    return F.grid_sample(x, norm.view(b, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+    # grid_sample's [-1, 1] spans the outer pixel edges (align_corners=False): pixels -> those units folded into
+    # the matrix.
+    to_unit = torch.tensor([[2 / w, 0, 0], [0, 2 / h, 0], [0, 0, 1]], device=x.device, dtype=x.dtype)
+    m = to_unit @ matrix.to(x.dtype)  # [B, 3, 3]
+    points = _pixel_centres(h, w, x.device, x.dtype)  # [H*W, 3], homogeneous
+    # One GEMM [HW, 3] x [3, B*3] for the whole batch: a batched matmul with inner size 3 measured 3.5x slower
+    # (64x32x32 on 2 CPU threads: 0.49 ms vs 0.14 ms).
+    src = torch.einsum("pk,bjk->bpj", points, m)  # [B, H*W, 3]
+    if displacement is not None:  # M (p + d) = M p + d_x M[:, 0] + d_y M[:, 1]
+        d = displacement.reshape(b, h * w, 2)
+        src = src + d[..., :1] * m[:, None, :, 0] + d[..., 1:] * m[:, None, :, 1]
+    grid = (src[..., :2] / src[..., 2:]).view(b, h, w, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    ys = torch.arange(h, device=device, dtype=dtype) + 0.5 - h / 2
+    xs = torch.arange(w, device=device, dtype=dtype) + 0.5 - w / 2
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).view(h * w, 2)  # (x, y), row-major
+    return torch.cat([grid, torch.ones(h * w, 1, device=device, dtype=dtype)], dim=1)
 
 
 def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -223,13 +250,16 @@ def _gaussian_1d(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """3x3 Gaussian blur with a per-sample sigma [B] (reflect padding, like torchvision's GaussianBlur).
 
-    One depthwise conv over the batch folded into channels: sample b's C channels are groups with b's kernel.
+    Separable and symmetric: along each axis, centre tap times x plus edge tap times the two neighbours. Four
+    multiply-adds over the batch, 0.18 ms for 64x3x32x32 on 2 CPU threads, against 0.25 ms for one depthwise
+    conv with a kernel per sample.
     """
-    b, c, h, w = x.shape
-    k1 = _gaussian_1d(sigma.to(x.dtype), 1)  # [B, 3]
-    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, dim=0)  # [B*C, 3, 3]
-    padded = F.pad(x.reshape(1, b * c, h, w), (1, 1, 1, 1), mode="reflect")
-    return F.conv2d(padded, k2[:, None], groups=b * c).view(b, c, h, w)
+    b = x.shape[0]
+    taps = _gaussian_1d(sigma.to(x.dtype), 1)  # [B, 3]: edge, centre, edge
+    centre, edge = taps[:, 1].view(b, 1, 1, 1), taps[:, 0].view(b, 1, 1, 1)
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    rows = torch.addcmul(p[..., 1:-1] * centre, p[..., :-2] + p[..., 2:], edge)  # along W: [B, C, H+2, W]
+    return torch.addcmul(rows[:, :, 1:-1] * centre, rows[:, :, :-2] + rows[:, :, 2:], edge)
 
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale

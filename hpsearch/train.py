@@ -85,13 +85,16 @@ EpochHook = Callable[[int, FitResult], None]
 
 def make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+    # CUDA: fused kernels, one launch per step; with fp16 the GradScaler also hands them its inf check as a device
+    # tensor, where the unfused path reads it on the host (a sync every step). Elsewhere torch's default.
+    fused = True if all(p.is_cuda for g in groups for p in g["params"]) else None
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, fused=fused,
                                nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     raise ValueError(f"optimizer {config.optimizer!r} is not known; allowed: sgd, adam, adamw")
 
 
@@ -109,6 +112,13 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any
     raise ValueError(f"scheduler {config.scheduler!r} is not known; allowed: none, multistep, plateau, cosine")
 
 
+def channels_last(device: torch.device) -> bool:
+    """NHWC activations: tensor cores want them on CUDA; on CPU oneDNN's kernels measured faster too (2 threads,
+    batch 64, one SGD step: the base CNN 4.06 ms vs 5.27 ms, a 3-conv 32-64-128 BatchNorm net 30.4 ms vs 45.9 ms).
+    MPS is left as is: not measured."""
+    return device.type in ("cuda", "cpu")
+
+
 class BatchPrep:
     """uint8 batch -> augmented, normalised, resized float batch, in one place for training and evaluation."""
 
@@ -120,7 +130,7 @@ class BatchPrep:
         self.shift = -mean / std
         self.size = built.input_size
         self.flip = data.info.flip
-        self.channels_last = device.type == "cuda"
+        self.channels_last = channels_last(device)
 
     def __call__(self, x: torch.Tensor, augmentation: str = "none",
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -162,8 +172,10 @@ def fit(
     trial: see benchmarks/README.md for when it pays).
     """
     model = built.model.to(device)
-    if device.type == "cuda":
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a trial's batch shape is fixed: autotuned kernels pay after a step
     optimizer = make_optimizer(config, built.param_groups)
     scheduler = make_scheduler(config, optimizer)
     dtype = autocast_dtype(device)

@@ -7,7 +7,7 @@ import torch
 
 from hpsearch._errors import SpecError
 from hpsearch.devices import autocast_dtype, configure_threads, resolve_device
-from hpsearch.train import BatchPrep, Built
+from hpsearch.train import BatchPrep, Built, channels_last
 
 
 def test_autocast_is_off_on_cpu_and_mps() -> None:
@@ -51,7 +51,7 @@ def test_configure_threads_sets_torch(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.set_num_threads(before)
 
 
-def test_batch_prep_normalises_uint8_in_one_step_and_uses_channels_last_only_on_cuda() -> None:
+def test_batch_prep_normalises_uint8_in_one_step_into_channels_last_on_cpu() -> None:
     from hpsearch.data import Data, DataInfo, Split
 
     info = DataInfo(name="t", channels=3, height=8, width=8, num_classes=2, mean=(0.5, 0.25, 0.0),
@@ -65,4 +65,15 @@ def test_batch_prep_normalises_uint8_in_one_step_and_uses_channels_last_only_on_
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     assert out.dtype == torch.float32
     assert torch.allclose(out, (x.float() / 255 - mean) / std, atol=1e-5)
-    assert out.is_contiguous()  # CPU: channels_last measured slower for small convs (benchmarks/README.md)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # measured faster on CPU too (train.channels_last)
+    assert not channels_last(torch.device("mps"))
+
+
+def test_optimizers_on_cpu_keep_torch_defaults_fused_only_on_cuda() -> None:
+    from hpsearch.train import TrainConfig, make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("sgd", "adam", "adamw"):
+        config = TrainConfig(epochs=1, batch_size=2, optimizer=name, lr=0.1, weight_decay=0.0, momentum=0.9)
+        optimizer = make_optimizer(config, [{"params": params}])
+        assert not optimizer.param_groups[0]["fused"]  # the CUDA-only fused path is not taken on CPU

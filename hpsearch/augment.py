@@ -183,9 +183,9 @@ def elastic_displacement(b: int, h: int, w: int, *, alpha: float, sigma: float, 
     The smoothing runs on a grid ``f`` times coarser (f ~ sigma / 1.25): noise there has the std of an f x f
     average of per-pixel noise (1/f of it), is blurred with sigma / f, and is upsampled bilinearly; what is lost
     is only detail the blur removes anyway (alpha 50, sigma 5, 32x32: displacement std 0.95 px against 1.04 px
-    for the full-resolution blur, mean neighbour difference 0.077 against 0.098 px). The full-resolution blur,
-    torchvision's 41-tap kernel at sigma 5, made ``stronger`` cost 3.03 s against ``strong``'s 1.66 s per 10,000
-    CIFAR images on 2 CPU threads; this field: 1.20 s against 0.99 s.
+    for the full-resolution blur, mean neighbour difference 0.077 against 0.098 px). Cost for 64 fields of 32x32
+    on 2 CPU threads: 0.8 ms, against 9.3 ms for the full-resolution blur (torchvision's 41-tap kernel at sigma 5),
+    which alone was twice the base CNN's training step.
     """
     f = max(1, min(int(sigma / 1.25), h // 2, w // 2))
     hc, wc = -(-h // f), -(-w // f)

@@ -167,14 +167,14 @@ def test_shear_and_scale_identity_zoom_in_and_zoom_out() -> None:
 def test_elastic_with_zero_strength_is_identity() -> None:
     x = ramp(4, h=32, w=32)
     d = elastic_displacement(4, 32, 32, alpha=0.0, sigma=5.0, device=x.device, generator=gen())
-    assert torch.equal(d, torch.zeros(4, 32, 32, 2))
+    assert torch.equal(d, torch.zeros(4, 2, 32, 32))
     assert torch.allclose(warp(x, identity(4), d), x, atol=1e-3)
 
 
 def test_elastic_field_is_smooth_per_sample_and_sized_by_alpha() -> None:
     d = elastic_displacement(8, 32, 32, alpha=50.0, sigma=5.0, device=torch.device("cpu"), generator=gen())
-    assert d.shape == (8, 32, 32, 2)
-    step = (d[:, 1:] - d[:, :-1]).abs().mean()
+    assert d.shape == (8, 2, 32, 32)
+    step = (d[:, :, 1:] - d[:, :, :-1]).abs().mean()
     assert step < 0.25 * d.abs().mean()  # neighbours move together: smoothed, not per-pixel noise
     assert 0.1 < d.std() < 3.0  # alpha 50, sigma 5: about a pixel, as torchvision's ElasticTransform
     assert not torch.allclose(d[0], d[1])

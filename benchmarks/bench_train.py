@@ -127,11 +127,9 @@ def floor_epoch(data: Data, device: torch.device) -> float:
 
 
 class SeedCifar(torch.utils.data.Dataset):
-    """torchvision.datasets.CIFAR10's __getitem__ over decoded HWC uint8 arrays: one PIL image per sample.
-
-    Used when the images are not CIFAR-10's python batches (JPEG folders, random data): torchvision's own class
-    reads only those batches, and its ImageFolder would add a JPEG decode per sample that the seed never paid.
-    """
+    """torchvision.datasets.CIFAR10's __getitem__ (``Image.fromarray`` of an HWC uint8 array, then the transform)
+    over the arrays already in memory, whatever their source: the JPEG copy is not in CIFAR10's file format, and
+    ImageFolder would add a JPEG decode per sample that the seed never paid."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: object) -> None:
         self.data = x.permute(0, 2, 3, 1).numpy()  # HWC, as CIFAR10.data

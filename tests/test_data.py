@@ -145,8 +145,9 @@ def test_split_is_fixed_by_seed_and_val_does_not_depend_on_train_fraction(tmp_pa
     assert len(half.train) == 180 and torch.equal(half.val.x, full.val.x)
     assert not torch.equal(split(1.0, seed=1).val.x, full.val.x)
     # normalisation statistics come from the training split
-    mean = full.train.x.float().div(255).mean(dim=(0, 2, 3))
-    assert torch.allclose(torch.tensor(full.info.mean), mean, atol=1e-5)
+    pixels = full.train.x.float().div(255)
+    assert torch.allclose(torch.tensor(full.info.mean), pixels.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(torch.tensor(full.info.std), pixels.std(dim=(0, 2, 3)), atol=1e-5)
 
 
 def test_synthetic_arguments(tmp_path: Path):

@@ -40,8 +40,9 @@ from hpsearch.study import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Optuna hyperparameter search for image-classification CNNs.")
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# markup off: messages carry user text such as "[space]" that rich would otherwise take for a style tag.
+console = Console(highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
 
 # ---------------------------------------------------------------- options shared by several commands
 StorageOpt = typer.Option(None, "--storage", envvar="HPSEARCH_STORAGE", show_default="sqlite:///hpsearch.db",
@@ -158,6 +159,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)
+    if outcome.fatal is not None:
+        raise HpsearchError(outcome.fatal)
     if outcome.error is not None:
         raise HpsearchError(f"every trial of this run failed; last error: {outcome.error}")
 

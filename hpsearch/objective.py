@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from hpsearch._errors import HpsearchError
 from hpsearch.data import Data
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
@@ -47,6 +48,12 @@ def make_objective(
         try:
             return run_trial(trial)
         except optuna.TrialPruned:
+            raise
+        except HpsearchError as e:
+            # Not this configuration's fault (weights or files that cannot be had): every trial would fail the
+            # same way, so the run stops after this one (see study.run_trials).
+            trial.set_user_attr("error", str(e))
+            trial.set_user_attr("fatal", True)
             raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")  # Optuna itself keeps no failure reason

@@ -120,6 +120,7 @@ class RunOutcome:
     finished_before: int
     interrupted: bool = False
     error: str | None = None  # set when every trial this process ran failed
+    fatal: str | None = None  # an error no other configuration would escape (weights, files): the run stopped
 
 
 def run_trials(
@@ -152,10 +153,16 @@ def run_trials(
             failures.append(trial.user_attrs.get("error", "unknown error"))
         if on_trial_end is not None:
             on_trial_end(study, trial)
-        if n_trials is not None and count_finished(study) >= n_trials:
+        if trial.user_attrs.get("fatal") and trial.state == TrialState.FAIL:
+            outcome.fatal = trial.user_attrs["error"]
+            study.stop()
+        elif n_trials is not None and count_finished(study) >= n_trials:
             study.stop()
 
-    optuna.logging.get_logger("optuna").addFilter(_quiet_independent_sampling)
+    # Records of Optuna's submodules reach the handlers of the "optuna" logger, not its filters: filter there.
+    for handler in logging.getLogger("optuna").handlers:
+        if _quiet_expected not in handler.filters:
+            handler.addFilter(_quiet_expected)
     while budget is None or outcome.ran < budget:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -210,10 +217,14 @@ def _count_or_none(study: optuna.Study) -> int | None:
         return None
 
 
-def _quiet_independent_sampling(record: logging.LogRecord) -> bool:
+def _quiet_expected(record: logging.LogRecord) -> bool:
     # Conditional parameters (momentum for sgd only, ...) make TPE fall back to independent sampling for
-    # them; Optuna warns each time. Expected here, so not shown.
-    return "sampled independently" not in record.getMessage()
+    # them; Optuna warns each time. Expected here, so not shown. So are Optuna's reports of a failed trial
+    # whose error is an HpsearchError (already a one-line message of ours) and its "failed with value None".
+    message = record.getMessage()
+    if "sampled independently" in message or (message.startswith("Trial ") and "failed with value None" in message):
+        return False
+    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError))
 
 
 def data_kwargs(spec: StudySpec, data_dir: Path, cache_dir: Path) -> dict[str, Any]:

@@ -252,3 +252,20 @@ def test_cli_runs_one_finetune_trial_on_synthetic_data(resnet18_file, tmp_path, 
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("error")
     assert trial.user_attrs["config"]["unfreeze"] == "fc"
     assert trial.user_attrs["trainable_param_count"] == 512 * 4 + 4
+
+
+def test_unavailable_weights_stop_the_run_after_one_trial_with_one_line(tmp_path, monkeypatch, run_cli):
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    study = tmp_path / "study.toml"
+    study.write_text('name = "ft-offline"\ndataset = "synthetic:channels=3,size=12,train=64,test=8"\n'
+                     'strategy = "finetune"\nepochs = 1\nn_trials = 5\n[space]\ninput_size = 32\n')
+    result = run_cli("run", str(study))
+    assert result.code == 1
+    assert result.err.startswith('error: weights "imagenet" for resnet18: ') and result.err.count("\n") == 1
+    assert "set weights in [space] to the path of a resnet18 state_dict file" in result.err
+    trials = optuna.load_study(study_name="ft-offline", storage="sqlite:///hpsearch.db").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]  # not five failures in a row

@@ -107,7 +107,7 @@ def worker(
     compile: bool = CompileOpt,
 ) -> None:
     """Join an existing study by name (its study file is stored in the database) and run trials."""
-    spec = load_spec_from_study(open_storage(storage), name)
+    spec = load_spec_from_study(open_storage(storage, create=False), name)
     _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
          compile=compile)
 
@@ -172,7 +172,7 @@ def _storage_error(error: BaseException, retry_in: float) -> None:
 @app.command()
 def studies(storage: str | None = StorageOpt) -> None:
     """One row per study: name, strategy, dataset, trials by state, best value."""
-    rdb = open_storage(storage)
+    rdb = open_storage(storage, create=False)
     summaries = optuna.get_all_study_summaries(rdb, include_best_trial=True)
     table = Table("name", "strategy", "dataset", "complete", "pruned", "fail", "running", "best")
     for s in summaries:
@@ -216,7 +216,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """The best trial and the top K complete trials of a study."""
-    study = load_existing(open_storage(storage), name)
+    study = load_existing(open_storage(storage, create=False), name)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: (-(t.value or 0.0), t.number))
     ranked = [_trial_row(t) for t in complete[:top]]
@@ -246,7 +246,7 @@ def export(
     """Write all trials with their params and values to a .csv or .json file."""
     if out.suffix.lower() not in (".csv", ".json"):
         raise SpecError(f"--out: {str(out)!r} must end in .csv or .json")
-    study = load_existing(open_storage(storage), name)
+    study = load_existing(open_storage(storage, create=False), name)
     rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
     if out.suffix.lower() == ".json":
         text = json.dumps(rows, indent=2)
@@ -276,7 +276,7 @@ def delete(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete a study, its trials and its checkpoints."""
-    rdb = open_storage(storage)
+    rdb = open_storage(storage, create=False)
     study = load_existing(rdb, name)
     n = len(study.get_trials(deepcopy=False))
     if not yes:
@@ -298,7 +298,7 @@ def dashboard(
     """Browse the studies in optuna-dashboard (blocks; Ctrl-C stops it)."""
     import optuna_dashboard
 
-    rdb = open_storage(storage)
+    rdb = open_storage(storage, create=False)
     console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)")
     try:
         optuna_dashboard.run_server(rdb, host=host, port=port)

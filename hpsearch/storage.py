@@ -30,7 +30,8 @@ def storage_url(url: str | None) -> str:
     return url or os.environ.get("HPSEARCH_STORAGE") or DEFAULT_STORAGE
 
 
-def open_storage(url: str | None) -> optuna.storages.RDBStorage:
+def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.RDBStorage:
+    """``create=False`` (the read-only commands): a missing SQLite file is an error, not a new empty database."""
     url = storage_url(url)
     try:
         parsed = make_url(url)
@@ -41,6 +42,9 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage:
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
+            if not create and not Path(parsed.database).is_file():
+                raise SpecError(f"--storage: there is no SQLite database at {parsed.database!r} (run a study first, "
+                                "or pass --storage / HPSEARCH_STORAGE)")
             _prepare_sqlite(Path(parsed.database))
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}
     for attempt in range(TABLE_RACE_ATTEMPTS):

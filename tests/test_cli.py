@@ -198,3 +198,11 @@ def test_image_folder_that_is_not_there(run_cli, write_study, tmp_path: Path):
         2, f"error: dataset 'folder:holiday-pics': {tmp_path / 'data' / 'holiday-pics' / 'train'} has no class "
            "folders (expected train/<class>/*)\n")
     assert not (tmp_path / "hpsearch.db").exists() or optuna.get_all_study_names(STORAGE) == []
+
+
+def test_read_commands_do_not_create_a_database(run_cli, tmp_path: Path):
+    for args in (("studies",), ("show", "x"), ("export", "x", "--out", "x.json"), ("delete", "x", "--yes")):
+        result = run_cli(*args)
+        assert (result.code, result.err) == (2, "error: --storage: there is no SQLite database at 'hpsearch.db' "
+                                                "(run a study first, or pass --storage / HPSEARCH_STORAGE)\n"), args
+    assert not (tmp_path / "hpsearch.db").exists()

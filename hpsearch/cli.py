@@ -31,6 +31,7 @@ from hpsearch.storage import open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
+    fail_stale,
     finished_if_exists,
     load_existing,
     load_spec_from_study,
@@ -122,6 +123,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     finished = finished_if_exists(rdb, spec.name)
     if target is not None and finished is not None and finished >= target:
         study = open_study(spec, rdb, force=force)  # still refuses a changed study file
+        fail_stale(study)
         console.print(f"study {spec.name!r} already holds {finished} finished trials (target {target}); "
                       "nothing to run. Raise --n-trials to run more.")
         console.print(summary_table(study))

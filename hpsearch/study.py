@@ -110,6 +110,15 @@ def finished_if_exists(storage: optuna.storages.BaseStorage, name: str) -> int |
     return count_finished(optuna.load_study(storage=storage, study_name=name))
 
 
+def fail_stale(study: optuna.Study) -> None:
+    """Fails (and enqueues the retry of) trials whose worker died: their heartbeat is older than the grace period.
+    Optuna does this before each trial; hpsearch also does it when a run has no trial to start, so a dead
+    worker's trial does not stay RUNNING in a study that has reached its count."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 

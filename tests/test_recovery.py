@@ -87,3 +87,27 @@ def test_interrupted_run_leaves_no_running_trial(write_study, tmp_path: Path):
     assert "study tiny" in out  # the summary is still printed
     trials = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL]
+
+
+def test_dead_workers_trial_does_not_stay_running_in_a_finished_study(write_study, tmp_path: Path):
+    path = write_study(text=study_text(n_trials=1, epochs=3, extra='pruner = "none"', space=SPACE,
+                                       dataset='dataset = "synthetic:size=24,train=1200"'))
+    assert spawn_cli("run", str(path), cwd=tmp_path).wait(timeout=120) == 0
+    victim = spawn_cli("run", str(path), "--n-trials", "2", cwd=tmp_path, env=FAST_HEARTBEAT)
+    storage = "sqlite:///hpsearch.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        states = [t.state for t in optuna.load_study(study_name="tiny", storage=storage).get_trials()]
+        if TrialState.RUNNING in states:
+            break
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    time.sleep(3)  # past the grace period
+    done = spawn_cli("run", str(path), cwd=tmp_path, env=FAST_HEARTBEAT)  # target 1: nothing to run
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert "nothing to run" in out
+    states = [t.state for t in optuna.load_study(study_name="tiny", storage=storage).get_trials()]
+    assert TrialState.RUNNING not in states
+    assert states[:2] == [TrialState.COMPLETE, TrialState.FAIL]  # (+ its retry, WAITING for a later run)

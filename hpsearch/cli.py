@@ -106,16 +106,18 @@ def worker(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    summary: bool = typer.Option(True, "--summary/--no-summary", hidden=True,
+                                 help="End with the study's summary table (--workers' children do not)."),
 ) -> None:
     """Join an existing study by name (its study file is stored in the database) and run trials."""
     spec = load_spec_from_study(open_storage(storage, create=False), name)
     _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
-         compile=compile)
+         compile=compile, summary=summary)
 
 
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
-         compile: bool = False) -> None:
+         compile: bool = False, summary: bool = True) -> None:
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
@@ -126,7 +128,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         fail_stale(study)
         console.print(f"study {spec.name!r} already holds {finished} finished trials (target {target}); "
                       "nothing to run. Raise --n-trials to run more.")
-        console.print(summary_table(study))
+        if summary:
+            console.print(summary_table(study))
         return
     cache = cache_dir or datasets.default_cache_dir()
     if workers > 1:
@@ -157,7 +160,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                                    checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=display.trial_end, on_storage_error=_storage_error)
-    console.print(summary_table(study))
+    if summary:
+        console.print(summary_table(study))
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)

@@ -66,8 +66,9 @@ def local_plan(workers: int, device: torch.device) -> list[Slot]:
 def worker_command(study: str, slot: Slot, *, storage: str, n_trials: int | None, timeout: float | None,
                    data_dir: Path | None, cache_dir: Path | None, compile: bool) -> list[str]:
     """The ``hpsearch worker`` command line of one slot."""
-    cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--storage", storage, "--device", slot.device,
-           "--threads", str(slot.threads)]
+    # --no-summary: the launching command prints the one summary table once every worker has ended.
+    cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--no-summary", "--storage", storage,
+           "--device", slot.device, "--threads", str(slot.threads)]
     if n_trials is not None:
         cmd += ["--n-trials", str(n_trials)]
     if timeout is not None:

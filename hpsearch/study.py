@@ -8,7 +8,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -125,8 +124,7 @@ def count_finished(study: optuna.Study) -> int:
 
 @dataclass
 class RunOutcome:
-    ran: int  # trials this process ran
-    finished_before: int
+    ran: int = 0  # trials this process ran
     interrupted: bool = False
     error: str | None = None  # set when every trial this process ran failed
     fatal: str | None = None  # an error no other configuration would escape (weights, files): the run stopped
@@ -149,15 +147,16 @@ def run_trials(
     was running is left to its heartbeat: once stale it is failed and retried from its checkpoint.
     """
     finished = count_finished(study)
-    outcome = RunOutcome(ran=0, finished_before=finished)
+    outcome = RunOutcome()
     budget = None if n_trials is None else n_trials - finished  # bounds this process even if every trial fails
     deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []
-    outage_since: list[float] = []  # start of the current database outage, if any
+    outage_start: float | None = None  # when the current database outage began
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal outage_start
         outcome.ran += 1
-        outage_since.clear()
+        outage_start = None
         if trial.state == TrialState.FAIL:
             failures.append(trial.user_attrs.get("error", "unknown error"))
         if on_trial_end is not None:
@@ -191,8 +190,8 @@ def run_trials(
         except Exception as e:
             if not _lost_database(e):
                 raise
-            outage_since.append(time.monotonic())
-            if time.monotonic() - outage_since[0] > DB_OUTAGE_SECONDS:
+            outage_start = outage_start or time.monotonic()
+            if time.monotonic() - outage_start > DB_OUTAGE_SECONDS:
                 raise HpsearchError(f"the database has been unreachable for over {DB_OUTAGE_SECONDS} s "
                                     f"({first_line(e)}); finished trials are safe, run again to resume") from None
             if on_storage_error is not None:
@@ -234,8 +233,3 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
     if "sampled independently" in message or (message.startswith("Trial ") and "failed with value None" in message):
         return False
     return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError))
-
-
-def data_kwargs(spec: StudySpec, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    return {"data_dir": data_dir, "cache_dir": cache_dir, "val_fraction": spec.val_fraction,
-            "train_fraction": spec.train_fraction, "seed": spec.seed}

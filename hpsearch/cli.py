@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,14 +20,15 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from hpsearch import artifacts, signals
 from hpsearch import data as datasets
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.launch import launch
-from hpsearch.objective import checkpoint_dir, make_objective
+from hpsearch.objective import checkpoints_after_trial, make_objective
 from hpsearch.spec import StudySpec, load_spec
-from hpsearch.storage import open_storage, storage_url
+from hpsearch.storage import MAX_RETRY, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
@@ -59,6 +60,12 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for traini
 WorkersOpt = typer.Option(1, "--workers", min=1,
                           help="Worker processes here: GPUs dealt round robin, CPU cores split between them.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile each trial's model (see benchmarks/README.md).")
+ArtifactsOpt = typer.Option(None, "--artifacts", envvar="HPSEARCH_ARTIFACTS", show_default="<cache dir>/artifacts",
+                            help="Artifact store for checkpoints: a directory (shared by the workers) or "
+                                 "s3://bucket/prefix (pip install 'hpsearch[s3]'). Recorded on the study.")
+KeepCheckpointsOpt = typer.Option(0, "--keep-checkpoints", min=0, envvar="HPSEARCH_KEEP_CHECKPOINTS",
+                                  help="Keep the checkpoints of the K best complete trials (0: delete each once "
+                                       "its trial has finished).")
 
 
 def main() -> None:
@@ -87,11 +94,14 @@ def run(
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
     force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
+    artifacts_location: str | None = ArtifactsOpt,
+    keep_checkpoints: int = KeepCheckpointsOpt,
 ) -> None:
     """Create or resume the study of STUDY_FILE and run trials until it holds n_trials finished trials."""
     spec = load_spec(study_file)
-    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
-         compile=compile)
+    with signals.sigterm_ends_trial(_say_terminated):
+        _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
+             compile=compile, artifacts_location=artifacts_location, keep_checkpoints=keep_checkpoints)
 
 
 @app.command()
@@ -108,16 +118,27 @@ def worker(
     compile: bool = CompileOpt,
     summary: bool = typer.Option(True, "--summary/--no-summary", hidden=True,
                                  help="End with the study's summary table (--workers' children do not)."),
+    artifacts_location: str | None = ArtifactsOpt,
+    keep_checkpoints: int = KeepCheckpointsOpt,
 ) -> None:
     """Join an existing study by name (its study file is stored in the database) and run trials."""
     spec = load_spec_from_study(open_storage(storage, create=False), name)
-    _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
-         compile=compile, summary=summary)
+    with signals.sigterm_ends_trial(_say_terminated):
+        _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
+             compile=compile, summary=summary, artifacts_location=artifacts_location,
+             keep_checkpoints=keep_checkpoints)
+
+
+def _say_terminated(text: str) -> None:
+    err_console.print(text, soft_wrap=True)
 
 
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
-         compile: bool = False, summary: bool = True) -> None:
+         compile: bool = False, summary: bool = True, artifacts_location: str | None = None,
+         keep_checkpoints: int = 0) -> None:
+    if artifacts_location is not None:
+        artifacts.normalize_location(artifacts_location)  # a bad value fails before any work (exit 2)
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
@@ -137,6 +158,10 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         # once instead of raced by K workers. Each worker then loads it onto its own device.
         datasets.read_raw(spec.dataset, data_dir or datasets.default_data_dir(), cache)
         study = open_study(spec, rdb, force=force)
+        # recorded on the study now, so the workers find it (also checks it before K processes start)
+        artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
+                                                                 artifacts.default_location(cache)))
+        os.environ["HPSEARCH_KEEP_CHECKPOINTS"] = str(keep_checkpoints)  # the workers inherit it
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
                       data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file)
         console.print(summary_table(study))
@@ -150,18 +175,29 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
     study = open_study(spec, rdb, force=force)
+    store = artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
+                                                                     artifacts.default_location(cache)))
     finished = count_finished(study)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
                   soft_wrap=True)
     with RunDisplay(console, study, target) as display:
-        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile,
-                                   checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
+        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store)
+        cleanup = checkpoints_after_trial(store, keep_best=keep_checkpoints)
+
+        def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            cleanup(study, trial)  # the trial's final state is stored by now
+            display.trial_end(study, trial)
+
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
-                             on_trial_end=display.trial_end, on_storage_error=_storage_error)
+                             on_trial_end=on_trial_end, on_storage_error=_storage_error)
     if summary:
         console.print(summary_table(study))
+    term = signals.raised()
+    if outcome.interrupted and term is not None:
+        signals.retry_terminated(study, term, max_retry=MAX_RETRY)
+        raise term  # sigterm_ends_trial prints its one line and exits 143
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)
@@ -289,9 +325,12 @@ def delete(
         if not sys.stdin.isatty():
             raise SpecError(f"delete {name!r}: confirmation needed; pass --yes to delete without asking")
         typer.confirm(f"Delete study {name!r} and its {n} trials?", abort=True)
+    store = artifacts.study_artifact_store(study, artifacts.default_location(cache_dir or datasets.default_cache_dir()))
+    checkpoints = {t.user_attrs[artifacts.CHECKPOINT_ATTR] for t in study.get_trials(deepcopy=False)
+                   if artifacts.CHECKPOINT_ATTR in t.user_attrs}
     optuna.delete_study(study_name=name, storage=rdb)
-    shutil.rmtree(checkpoint_dir((cache_dir or datasets.default_cache_dir()) / "checkpoints",
-                                 storage_url(storage), name), ignore_errors=True)
+    for checkpoint in checkpoints:
+        artifacts.remove_checkpoint(store, checkpoint)
     console.print(f"deleted study {name!r} ({n} trials)")
 
 

@@ -9,6 +9,7 @@ not end the others; the study's heartbeats retry its trial), its output lines pr
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -96,7 +97,7 @@ def launch(study: str, workers: int, device: torch.device, *, storage: str, n_tr
 def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO[str] | None = None) -> int:
     """Starts one process per command (pinned to its slot's cores), relays their output line by line as
     ``[w<i> <device>] line``, and waits for all. Returns 0, 130 if any was interrupted, else the first
-    failing worker's exit code."""
+    failing worker's exit code; 143 after SIGTERM, which is forwarded to every worker."""
     out = out or sys.stdout
     lock = threading.Lock()
     procs: list[subprocess.Popen[str]] = []
@@ -112,14 +113,30 @@ def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO
         relay = threading.Thread(target=_relay, args=(proc, f"[w{i} {slot.device}] ", out, lock), daemon=True)
         relay.start()
         relays.append(relay)
+    terminated = False
+
+    def forward(signum: int, frame: object) -> None:
+        # docker stop / Kubernetes signal only this process: each worker ends its trial (marked FAIL, retried)
+        nonlocal terminated
+        terminated = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
     codes = []
     try:
         for proc in procs:
             codes.append(proc.wait())
     except KeyboardInterrupt:  # the terminal sent SIGINT to the workers too: let them mark their trials
         codes = [proc.wait() for proc in procs]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for relay in relays:
         relay.join()
+    if terminated:
+        return 128 + signal.SIGTERM
     if 130 in codes or any(c < 0 for c in codes):
         return 130
     return next((c for c in codes if c != 0), 0)

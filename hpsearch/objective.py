@@ -5,16 +5,19 @@ The test set is never touched here. Everything a trial decided or measured is st
 
 from __future__ import annotations
 
-import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
+from hpsearch import artifacts
 from hpsearch._errors import HpsearchError
 from hpsearch.data import Data
+from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
 from hpsearch.train import Diverged, FitResult, fit
@@ -27,10 +30,14 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return (study_seed * 1_000_003 + trial_number) % 2**63
 
 
-def checkpoint_dir(root: Path, storage_url: str, study_name: str) -> Path:
-    """One folder per (storage, study): two databases with a study of the same name never share checkpoints."""
-    key = hashlib.sha256(f"{storage_url}\0{study_name}".encode()).hexdigest()[:16]
-    return root / key
+def retried_from(trial: optuna.Trial) -> int | None:
+    """The number of the dead trial this one retries (the first of its retry chain), or None for a fresh trial.
+    Only Optuna's stale-trial retry (and hpsearch's SIGTERM, which builds the retry the same way) sets it."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if t.number == trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
 def make_objective(
@@ -38,7 +45,7 @@ def make_objective(
     data: Data,
     *,
     device: torch.device,
-    checkpoints: Path | None = None,
+    store: artifacts.ArtifactStore | None = None,
     progress: Progress | None = None,
     compile: bool = False,
 ) -> Callable[[optuna.Trial], float]:
@@ -47,6 +54,9 @@ def make_objective(
     def objective(trial: optuna.Trial) -> float:
         try:
             return run_trial(trial)
+        except Terminated as e:
+            e.trial_number = trial.number
+            raise
         except optuna.TrialPruned:
             raise
         except HpsearchError as e:
@@ -75,13 +85,21 @@ def make_objective(
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
         trial.set_user_attr("device", str(device))
 
-        # A retried trial inherits the user attrs of the one whose worker died, this path included: it resumes.
-        checkpoint = None
-        if checkpoints is not None:
-            checkpoint = Path(trial.user_attrs.get("checkpoint") or checkpoints / f"trial-{trial.number}.pt")
-            trial.set_user_attr("checkpoint", str(checkpoint))
-            if checkpoint.is_file():  # a dead worker's trial: fit resumes after its last finished epoch
-                trial.set_user_attr("resumed_from_checkpoint", str(checkpoint))
+        # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
+        # retry writes there too). A fresh trial never loads a file, whatever lies in the store.
+        checkpoint: str | None = None
+        resume: dict[str, Any] | None = None
+        if store is not None:
+            dead = retried_from(trial)
+            checkpoint = artifacts.checkpoint_id(artifacts.study_id(trial.study),
+                                                 trial.number if dead is None else dead)
+            if dead is not None:
+                # the dead trial's own record wins: it is what its worker wrote to
+                checkpoint = str(trial.user_attrs.get(artifacts.CHECKPOINT_ATTR, checkpoint))
+                resume = artifacts.load_checkpoint(store, checkpoint)
+                if resume is not None:
+                    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
+            trial.set_user_attr(artifacts.CHECKPOINT_ATTR, checkpoint)
 
         def on_epoch(epoch: int, result: FitResult) -> None:
             value = result.val_accuracy[-1]
@@ -95,16 +113,40 @@ def make_objective(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} with val accuracy {value:.4f}")
 
+        def on_checkpoint(state: dict[str, Any]) -> None:
+            assert store is not None and checkpoint is not None  # only passed to fit with both
+            artifacts.save_checkpoint(store, checkpoint, state)
+
+        # No clean-up here: a database error inside the trial (trial.report in an outage) must leave the file for
+        # the retry. The checkpoint goes once the trial's final state is stored (see checkpoints_after_trial).
         try:
-            result = fit(built, data, config.train, device=device, seed=seed, on_epoch=on_epoch, checkpoint=checkpoint,
-                         compile=compile)
+            result = fit(built, data, config.train, device=device, seed=seed, on_epoch=on_epoch, resume=resume,
+                         on_checkpoint=None if store is None else on_checkpoint, compile=compile)
         except Diverged as e:
             trial.set_user_attr("diverged", str(e))
             raise optuna.TrialPruned(f"diverged: {e}") from None
-        finally:
-            # Reached on every ending but a killed process: only a dead worker's checkpoint is kept, for its retry.
-            if checkpoint is not None:
-                checkpoint.unlink(missing_ok=True)
         return result.best_val_accuracy
 
     return objective
+
+
+def checkpoints_after_trial(store: artifacts.ArtifactStore, *, keep_best: int = 0
+                            ) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """A study.optimize callback (called once the trial's final state is stored): removes the trial's checkpoint,
+    unless it is among the ``keep_best`` best complete trials; then the one it pushed out of them goes."""
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        checkpoint = trial.user_attrs.get(artifacts.CHECKPOINT_ATTR)
+        if checkpoint is None:
+            return
+        if keep_best > 0 and trial.state == TrialState.COMPLETE:
+            complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if artifacts.CHECKPOINT_ATTR in t.user_attrs]
+            ranked = sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))
+            if trial.number in {t.number for t in ranked[:keep_best]}:
+                if len(ranked) > keep_best:  # only one can drop out per finished trial
+                    artifacts.remove_checkpoint(store, ranked[keep_best].user_attrs[artifacts.CHECKPOINT_ATTR])
+                return
+        artifacts.remove_checkpoint(store, checkpoint)
+
+    return after

@@ -15,6 +15,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch.artifacts import new_study_id
 from hpsearch.spec import StudySpec, spec_from_dict
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
@@ -61,6 +62,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
         study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize",
                                     sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec))
         created = True
+        new_study_id(study)  # first: a worker joining now waits for it (artifacts.study_id)
     except optuna.exceptions.DuplicatedStudyError:
         # Another run (or worker) made it: a fresh per-process sampler seed, so workers explore different points.
         study = optuna.load_study(storage=storage, study_name=spec.name,

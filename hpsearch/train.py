@@ -7,11 +7,9 @@ normalisation fused into the batch step, evaluation under inference_mode, one ho
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -166,12 +164,17 @@ def fit(
     device: torch.device,
     seed: int,
     on_epoch: EpochHook | None = None,
-    checkpoint: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     compile: bool = False,
 ) -> FitResult:
     """Trains ``config.epochs`` epochs; returns the curves and the best validation accuracy.
 
-    With ``checkpoint``, state is saved after every epoch and a run that finds one resumes after its epoch.
+    With ``on_checkpoint``, the full training state (weights, optimizer, scheduler, scaler, every random state,
+    the curves so far) is handed to it after every epoch, once ``on_epoch`` has reported the epoch: a process
+    killed between the two then repeats a reported epoch (same value) instead of leaving a gap. ``resume`` is
+    such a state: training goes on after its epoch. Whether to resume is the caller's decision. The state shares
+    tensors with the live model and optimizer: ``on_checkpoint`` must serialise (or copy) it before returning.
     With ``compile``, the forward pass goes through ``torch.compile`` (its cost is paid per architecture, so per
     trial: see benchmarks/README.md for when it pays).
     """
@@ -191,16 +194,19 @@ def fit(
         features = built.precomputed.inputs(data, prep)
         if features is not None:
             model, data, prep = built.precomputed.model, features, _as_float
+    # What is checkpointed: the part that trains. A frozen trunk never changes, so a trial trained on cached trunk
+    # outputs resumes in a process that cannot cache them (and the file holds no trunk weights).
+    trained = built.precomputed.model if built.precomputed is not None else built.model
     generator = torch.Generator(device=device).manual_seed(seed)
     result, start = FitResult(), 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if resume is not None:
+        trained.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])  # moves the state to the parameters' device
         if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].to("cpu") if device.type == "cpu" else state["generator"])
-        result, start = FitResult(**state["result"]), state["epoch"] + 1
+            scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        _set_rng_states(resume["rng"], generator, device)
+        result, start = FitResult(**resume["result"]), resume["epoch"] + 1
     # A compiled module wraps ``model``: checkpoints keep saving ``model``'s plain state_dict keys.
     forward = cast(nn.Module, torch.compile(model)) if compile else model
 
@@ -236,24 +242,34 @@ def fit(
         result.seconds_per_epoch.append(time.perf_counter() - t0)
         if val_acc > result.best_val_accuracy or result.best_epoch < 0:
             result.best_val_accuracy, result.best_epoch = val_acc, epoch
-        if checkpoint is not None:
-            # The result travels with the weights: a resumed trial reports the same curves and best value.
-            _save_atomic(checkpoint, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "generator": generator.get_state(), "result": asdict(result),
-            })
         if on_epoch is not None:
             on_epoch(epoch, result)
+        if on_checkpoint is not None:
+            # The result travels with the weights: a resumed trial reports the same curves and best value.
+            on_checkpoint({
+                "epoch": epoch, "model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": _rng_states(generator, device), "result": asdict(result),
+            })
     return result
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random state training draws from: the trial's generator (permutations, augmentation) and torch's
+    global ones (dropout). Only this device's CUDA generator: asking for all would create a context on every GPU."""
+    states = {"generator": generator.get_state(), "cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    # set_state takes CPU byte tensors only, whatever the generator's device.
+    generator.set_state(states["generator"].cpu())
+    torch.set_rng_state(states["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def _as_float(x: torch.Tensor, augmentation: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
     return x.float()  # precomputed features may be stored in fp16; "none" is the only augmentation they get
-
-
-def _save_atomic(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a worker killed mid-save leaves the previous checkpoint intact

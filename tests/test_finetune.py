@@ -3,6 +3,7 @@ frozen-trunk feature cache against the uncached path, and a CLI run on synthetic
 
 from __future__ import annotations
 
+import copy
 import urllib.error
 from dataclasses import replace
 from pathlib import Path
@@ -187,15 +188,40 @@ def test_a_trial_trained_on_cached_outputs_resumes_from_its_checkpoint(resnet18_
     train = replace(TRAIN, epochs=3, optimizer="adam", lr=1e-3)
     torch.manual_seed(0)
     straight = fit(finetune.build(config(resnet18_file), data.info), data, train, device=torch.device("cpu"), seed=0)
-    checkpoint = tmp_path / "trial.pt"
+    states: list[dict] = []
     torch.manual_seed(0)
     fit(finetune.build(config(resnet18_file), data.info), data, replace(train, epochs=2), device=torch.device("cpu"),
-        seed=0, checkpoint=checkpoint)
+        seed=0, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
     torch.manual_seed(1)  # a retried trial's fresh head: its checkpoint must replace it
     resumed = fit(finetune.build(config(resnet18_file), data.info), data, train, device=torch.device("cpu"), seed=0,
-                  checkpoint=checkpoint)
+                  resume=states[-1])
     assert resumed.val_accuracy == straight.val_accuracy
     assert resumed.train_loss == straight.train_loss
+
+
+def test_a_trial_trained_on_cached_outputs_resumes_where_the_cache_cannot_be_used(resnet18_file, tmp_path,
+                                                                                  monkeypatch):
+    feature_cache.clear()
+    data = synthetic(train=96)
+    train = replace(TRAIN, epochs=3, optimizer="adam", lr=1e-3)
+    small_lr = config(resnet18_file, head_lr=1e-3, backbone_lr=1e-4, input_size=24)  # as in the test above
+    states: list[dict] = []
+    torch.manual_seed(0)
+    straight = fit(finetune.build(small_lr, data.info), data, train, device=torch.device("cpu"),
+                   seed=0, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    assert feature_cache.cached_bytes() > 0  # the first process trained on cached trunk outputs
+    assert not any(k.startswith("trunk.") for k in states[0]["model"])  # the frozen trunk is not in the file
+    feature_cache.clear()
+    monkeypatch.setenv("HPSEARCH_FEATURE_CACHE_MB", "0")  # the resuming process cannot hold the features
+    torch.manual_seed(1)
+    seen: list[int] = []
+    resumed = fit(finetune.build(small_lr, data.info), data, train, device=torch.device("cpu"), seed=0,
+                  resume=states[0], on_epoch=lambda epoch, result: seen.append(epoch))
+    assert feature_cache.cached_bytes() == 0
+    assert seen == [1, 2]
+    # the uncached path runs the fp32 trunk every batch: the same predictions, losses to ~1e-3 (see above)
+    assert resumed.val_accuracy == straight.val_accuracy
+    torch.testing.assert_close(resumed.train_loss, straight.train_loss, rtol=5e-3, atol=0)
 
 
 def test_trunk_outputs_are_reused_across_trials_and_bounded(resnet18_file, monkeypatch):

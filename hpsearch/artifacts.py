@@ -1,0 +1,208 @@
+"""The artifact store: which one a study uses, and trial checkpoints in and out of it.
+
+A store is an Optuna artifact store: a directory (``FileSystemArtifactStore``; a shared mount lets workers on
+other machines resume a dead worker's trial) or ``s3://bucket/prefix`` (``Boto3ArtifactStore``, extra
+``hpsearch[s3]``; the endpoint comes from boto3's own settings, e.g. ``AWS_ENDPOINT_URL`` for MinIO). A location
+given with ``--artifacts`` / ``HPSEARCH_ARTIFACTS`` is recorded on the study (user attr ``hpsearch:artifacts``) so
+workers and the dashboard find it; without one, every process uses ``<cache dir>/artifacts`` on its own machine.
+
+Checkpoints are keyed by the study's UUID (user attr ``hpsearch:study_id``, set when the study is created), never
+by the storage URL's text: a study re-created under the same name and URL has a new id, so a leftover file of an
+old study cannot be mistaken for one of its trials.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import optuna
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from hpsearch._errors import HpsearchError, SpecError, first_line
+
+ARTIFACTS_ATTR = "hpsearch:artifacts"  # the store's location, when one was given
+STUDY_ID_ATTR = "hpsearch:study_id"  # a UUID: checkpoints of this study live under it
+CHECKPOINT_ATTR = "checkpoint"  # trial user attr: the artifact id of its checkpoint (a retry inherits it)
+STUDY_ID_WAIT_SECONDS = 10  # a worker joining a study that is being created waits this long for its id
+
+ArtifactStore = Any  # optuna's ArtifactStore protocol (open_reader / write / remove)
+
+
+def default_location(cache_dir: Path) -> str:
+    return str(cache_dir / "artifacts")
+
+
+def normalize_location(location: str) -> str:
+    """The form recorded on the study: an absolute directory (workers start in other folders) or an S3 URL.
+    Raises SpecError (exit 2) for anything else."""
+    if "://" in location:
+        scheme, _, rest = location.partition("://")
+        bucket = rest.split("/", 1)[0]
+        if scheme != "s3" or not bucket:
+            raise SpecError(f"--artifacts: {location!r} is not a directory or s3://bucket[/prefix]")
+        return f"s3://{rest.rstrip('/')}"
+    if not location:
+        raise SpecError("--artifacts: the value is empty; give a directory or s3://bucket[/prefix]")
+    return str(Path(location).expanduser().resolve())
+
+
+def open_artifact_store(location: str) -> ArtifactStore:
+    """An Optuna artifact store for ``location`` (a directory, created if missing, or ``s3://bucket/prefix``)."""
+    location = normalize_location(location)
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        return _s3_store(location, bucket, prefix)
+    path = Path(location)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HpsearchError(f"--artifacts {location!r}: cannot create the directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise HpsearchError(f"--artifacts {location!r}: the directory is not writable")
+    return _FileSystemStore(path)
+
+
+def resolve_location(study: optuna.Study, given: str | None, default: str) -> str:
+    """The study's store: the recorded one, else ``given`` (then recorded), else ``default`` (not recorded: it is
+    this machine's cache). A ``given`` that differs from the recorded one is refused: the workers of one study
+    must see one store, or a retry would not find its dead trial's checkpoint."""
+    recorded = study.user_attrs.get(ARTIFACTS_ATTR)
+    if given is not None:
+        given = normalize_location(given)
+        if recorded is not None and recorded != given:
+            raise SpecError(f"--artifacts: study {study.study_name!r} keeps its artifacts in {recorded!r}, "
+                            f"not {given!r}; leave --artifacts out to use the recorded store")
+        if recorded is None:
+            study.set_user_attr(ARTIFACTS_ATTR, given)
+            return given
+    return recorded or default
+
+
+def study_artifact_store(study: optuna.Study, default_location: str) -> ArtifactStore:
+    """The store recorded on ``study``, or ``default_location`` when none was recorded."""
+    return open_artifact_store(study.user_attrs.get(ARTIFACTS_ATTR) or default_location)
+
+
+# ---------------------------------------------------------------- the study's id
+def new_study_id(study: optuna.Study) -> str:
+    """Called by the process that created ``study``, before anything else is stored on it."""
+    value = uuid.uuid4().hex
+    study.set_user_attr(STUDY_ID_ATTR, value)
+    return value
+
+
+def study_id(study: optuna.Study) -> str:
+    """The study's UUID. A worker that loaded a study a moment after another process created it waits for the
+    creator to store it; a study made by an older hpsearch (no id and a stored spec) gets one now."""
+    deadline = time.monotonic() + STUDY_ID_WAIT_SECONDS
+    while True:
+        attrs = study.user_attrs
+        if STUDY_ID_ATTR in attrs:
+            return str(attrs[STUDY_ID_ATTR])
+        if "hpsearch:spec" in attrs or time.monotonic() > deadline:
+            return new_study_id(study)
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_id(study_uuid: str, trial_number: int) -> str:
+    return f"checkpoints/{study_uuid}/trial-{trial_number}.pt"
+
+
+def save_checkpoint(store: ArtifactStore, artifact_id: str, state: dict[str, Any]) -> None:
+    # Optuna's upload_artifact gives every upload a new random id and a trial attr; a checkpoint is rewritten
+    # every epoch under one id the retry can compute, so it goes to the store directly.
+    import torch  # here: the commands that only delete or list must not pay torch's import
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    store.write(artifact_id, buf)
+
+
+def load_checkpoint(store: ArtifactStore, artifact_id: str) -> dict[str, Any] | None:
+    """The checkpoint, every tensor on the CPU (fit moves what belongs on the device; RNG states must stay CPU
+    tensors for ``set_state``), or None when there is none."""
+    try:
+        reader = store.open_reader(artifact_id)
+    except ArtifactNotFound:
+        return None
+    try:
+        body = reader.read()
+    finally:
+        reader.close()
+    import torch
+
+    # weights_only: a shared bucket's file is not trusted to run code on load.
+    state: dict[str, Any] = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    return state
+
+
+def remove_checkpoint(store: ArtifactStore, artifact_id: str) -> None:
+    try:
+        store.remove(artifact_id)
+    except ArtifactNotFound:
+        pass
+
+
+class _FileSystemStore(FileSystemArtifactStore):
+    """Optuna's store, plus: sub-folders are created, and a write is atomic (a worker killed mid-save leaves the
+    previous checkpoint intact, where Optuna's would leave a truncated file)."""
+
+    def __init__(self, base_path: Path) -> None:
+        super().__init__(base_path)
+        self.base_path = base_path
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        target = self.base_path / artifact_id
+        self._check_id(artifact_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            shutil.copyfileobj(content_body, f)
+        os.replace(tmp, target)
+
+    def _check_id(self, artifact_id: str) -> None:
+        # the parent's path check (absolute ids, ".." escapes) without opening anything
+        if os.path.isabs(artifact_id) or ".." in Path(artifact_id).parts:
+            raise ValueError(f"Invalid artifact_id: {artifact_id}")
+
+
+class _Prefixed:
+    """A store whose ids live under ``prefix/`` of another store (Boto3ArtifactStore has no prefix of its own)."""
+
+    def __init__(self, inner: ArtifactStore, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def _key(self, artifact_id: str) -> str:
+        return f"{self.prefix}/{artifact_id}" if self.prefix else artifact_id
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.inner.open_reader(self._key(artifact_id))
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.inner.write(self._key(artifact_id), content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.inner.remove(self._key(artifact_id))
+
+
+def _s3_store(location: str, bucket: str, prefix: str) -> ArtifactStore:
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError:
+        raise HpsearchError(f"--artifacts {location!r}: S3 needs boto3; pip install 'hpsearch[s3]'") from None
+    client = boto3.client("s3")
+    try:
+        client.head_bucket(Bucket=bucket)  # fail now with one line, not at the first checkpoint mid-trial
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise HpsearchError(f"--artifacts {location!r}: cannot reach the bucket ({first_line(e)})") from None
+    return _Prefixed(Boto3ArtifactStore(bucket, client=client), prefix)

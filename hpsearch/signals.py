@@ -1,0 +1,87 @@
+"""SIGTERM (``docker stop``, Kubernetes pod deletion, preemption): end the running trial now so another worker
+resumes it, instead of leaving it RUNNING until its heartbeat goes stale (a minute by default).
+
+The handler raises ``Terminated`` in the main thread. It is a KeyboardInterrupt, so Optuna marks the running trial
+FAIL exactly as for Ctrl-C and re-raises it; ``retry_terminated`` then enqueues the retry the way Optuna's
+stale-trial callback does (same system attrs, inherited intermediate values), so the retry resumes from the
+trial's checkpoint, and the command prints one line and exits 143 (128 + SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+import optuna
+from optuna.trial import TrialState
+
+EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by SIGTERM. The objective sets ``trial_number`` (the trial it ended) on its way out."""
+
+    trial_number: int | None = None
+    retried: bool = False
+
+
+_raised: list[Terminated] = []  # the one Terminated of this process, once SIGTERM came
+
+
+def raised() -> Terminated | None:
+    return _raised[0] if _raised else None
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _raised:
+        return  # a second SIGTERM (the process group and a forwarding parent both sent one): already ending
+    _raised.append(Terminated())
+    raise _raised[0]
+
+
+@contextmanager
+def sigterm_ends_trial(print_line: object) -> Iterator[None]:
+    """Around a command that runs trials: SIGTERM raises Terminated; a Terminated that reaches here is turned into
+    one line (``print_line(text)``) and exit 143. Only the main thread can install a handler: elsewhere (a test
+    calling the command from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    except Terminated as e:
+        if e.trial_number is not None and e.retried:
+            text = (f"terminated (SIGTERM): trial {e.trial_number} was marked FAIL and queued again; "
+                    "a worker resumes it from its last checkpoint")
+        elif e.trial_number is not None:
+            text = f"terminated (SIGTERM): trial {e.trial_number} was marked FAIL (no retries left)"
+        else:
+            text = "terminated (SIGTERM): no trial was running"
+        print_line(text)  # type: ignore[operator]
+        raise SystemExit(EXIT_CODE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _raised.clear()
+
+
+def retry_terminated(study: optuna.Study, term: Terminated, *, max_retry: int) -> None:
+    """Enqueues the retry of the trial ``term`` ended (Optuna has marked it FAIL by now), built by Optuna's own
+    stale-trial callback so that it carries ``failed_trial`` / ``retry_history`` and resumes like any retry."""
+    if term.trial_number is None:
+        return
+    trial = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if t.number == term.trial_number), None)
+    if trial is None:
+        return  # Optuna could not store FAIL (database gone): its heartbeat goes stale and it is retried then
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry,
+                                                                     inherit_intermediate_values=True)
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        callback(study, trial)
+        term.retried = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) > before

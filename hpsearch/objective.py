@@ -14,7 +14,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from hpsearch import artifacts
+from hpsearch import artifacts, signals
 from hpsearch._errors import HpsearchError
 from hpsearch.data import Data
 from hpsearch.signals import Terminated
@@ -55,6 +55,7 @@ def make_objective(
         try:
             return run_trial(trial)
         except Terminated as e:
+            signals.delivered(e)  # Optuna now stores FAIL: not to be interrupted by a resent SIGTERM
             e.trial_number = trial.number
             raise
         except optuna.TrialPruned:

@@ -9,8 +9,10 @@ trial's checkpoint, and the command prints one line and exits 143 (128 + SIGTERM
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,18 +31,44 @@ class Terminated(KeyboardInterrupt):
     retried: bool = False
 
 
-_raised: list[Terminated] = []  # the one Terminated of this process, once SIGTERM came
+RESEND_SECONDS = 1.0
+
+
+class _State:
+    term: Terminated | None = None  # the one Terminated of this process, once SIGTERM came
+    delivered = False  # it reached code that handles it: later SIGTERMs are ignored
+
+
+_state = _State()
 
 
 def raised() -> Terminated | None:
-    return _raised[0] if _raised else None
+    """The Terminated of this process, if SIGTERM came; asking means it is being handled (no more raising)."""
+    _state.delivered = _state.term is not None
+    return _state.term
+
+
+def delivered(term: Terminated) -> None:
+    """Called where a Terminated is caught: cleanup that follows (Optuna storing FAIL) is not interrupted again."""
+    _state.delivered = True
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    if _raised:
-        return  # a second SIGTERM (the process group and a forwarding parent both sent one): already ending
-    _raised.append(Terminated())
-    raise _raised[0]
+    if _state.delivered:
+        return  # a second SIGTERM (a forwarding parent and the process group both send one): already ending
+    if _state.term is None:
+        _state.term = Terminated()
+        threading.Thread(target=_resend, daemon=True).start()
+    raise _state.term
+
+
+def _resend() -> None:
+    # A signal handler's exception is lost when it lands in a __del__ or weakref callback (seen: SQLAlchemy's,
+    # "Exception ignored in ..."), so SIGTERM is sent again until some code has handled the Terminated.
+    while not _state.delivered:
+        time.sleep(RESEND_SECONDS)
+        if not _state.delivered:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextmanager
@@ -55,6 +83,7 @@ def sigterm_ends_trial(print_line: object) -> Iterator[None]:
     try:
         yield
     except Terminated as e:
+        delivered(e)
         if e.trial_number is not None and e.retried:
             text = (f"terminated (SIGTERM): trial {e.trial_number} was marked FAIL and queued again; "
                     "a worker resumes it from its last checkpoint")
@@ -65,8 +94,9 @@ def sigterm_ends_trial(print_line: object) -> Iterator[None]:
         print_line(text)  # type: ignore[operator]
         raise SystemExit(EXIT_CODE) from None
     finally:
+        _state.delivered = True  # stops the resending thread
         signal.signal(signal.SIGTERM, previous)
-        _raised.clear()
+        _state.term, _state.delivered = None, False
 
 
 def retry_terminated(study: optuna.Study, term: Terminated, *, max_retry: int) -> None:

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.artifacts import new_study_id
+from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec, spec_from_dict
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
@@ -234,4 +235,5 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     if "sampled independently" in message or (message.startswith("Trial ") and "failed with value None" in message):
         return False
-    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError))
+    # A trial ended by SIGTERM gets hpsearch's own one line instead (signals.py).
+    return not (record.exc_info and isinstance(record.exc_info[1], (HpsearchError, Terminated)))

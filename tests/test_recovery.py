@@ -38,7 +38,7 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(write_st
             trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
         except KeyError:
             continue
-        if trials and len(trials[0].intermediate_values) >= 1:
+        if trials and len(trials[0].intermediate_values) >= 2:  # so epoch 0's checkpoint is surely saved
             break
     else:
         victim.kill()
@@ -48,7 +48,7 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(write_st
     dead = optuna.load_study(study_name="tiny", storage=storage).trials[0]
     assert dead.state == TrialState.RUNNING
     epochs_done = len(dead.intermediate_values)
-    assert 1 <= epochs_done < 4
+    assert 2 <= epochs_done < 4
 
     time.sleep(3)  # past the grace period: the heartbeat is stale
     survivor = spawn_cli("run", str(path), cwd=tmp_path, env=FAST_HEARTBEAT)
@@ -59,12 +59,16 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(write_st
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     retry = trials[1]
     assert retry.params == dead.params
-    assert retry.user_attrs["resumed_from_checkpoint"].endswith("trial-0.pt")
+    # the checkpoint follows the report: a kill between the two leaves the previous epoch's
+    assert retry.user_attrs["resumed_after_epoch"] in (epochs_done - 2, epochs_done - 1)
     assert len(retry.user_attrs["val_accuracy"]) == 4
     # the epochs the dead worker finished were not trained again: their values are the dead trial's
     assert retry.user_attrs["val_accuracy"][:epochs_done] == [dead.intermediate_values[e] for e in range(epochs_done)]
     assert retry.value == max(retry.user_attrs["val_accuracy"])
-    assert not Path(retry.user_attrs["checkpoint"]).exists()  # cleaned up once the trial finished
+    # in the default store (<cache>/artifacts), removed once the trial finished
+    assert retry.user_attrs["checkpoint"].endswith("/trial-0.pt")
+    assert not (tmp_path / "cache" / "artifacts" / retry.user_attrs["checkpoint"]).exists()
+    assert (tmp_path / "cache" / "artifacts" / "checkpoints").is_dir()
 
 
 def test_interrupted_run_leaves_no_running_trial(write_study, tmp_path: Path):
@@ -111,3 +115,63 @@ def test_dead_workers_trial_does_not_stay_running_in_a_finished_study(write_stud
     states = [t.state for t in optuna.load_study(study_name="tiny", storage=storage).get_trials()]
     assert TrialState.RUNNING not in states
     assert states[:2] == [TrialState.COMPLETE, TrialState.FAIL]  # (+ its retry, WAITING for a later run)
+
+
+def _wait_for_epoch(proc, storage: str, *, running: int = 1, epochs: int = 1) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+        except KeyError:
+            continue
+        if sum(t.state == TrialState.RUNNING and len(t.intermediate_values) >= epochs for t in trials) >= running:
+            return
+    proc.kill()
+    raise AssertionError(f"no epoch finished in time: {proc.communicate()}")
+
+
+def test_sigterm_fails_the_trial_queues_its_retry_and_exits_143(write_study, tmp_path: Path):
+    path = write_study(text=study_text(n_trials=1, epochs=5, extra='pruner = "none"', space=SPACE,
+                                       dataset='dataset = "synthetic:size=24,train=600"'))
+    storage = "sqlite:///hpsearch.db"
+    victim = spawn_cli("run", str(path), cwd=tmp_path)
+    _wait_for_epoch(victim, storage, epochs=2)
+    sent = time.monotonic()
+    victim.send_signal(signal.SIGTERM)  # what docker stop and a Kubernetes pod deletion send
+    out, err = victim.communicate(timeout=30)
+    assert time.monotonic() - sent < 10  # within a few seconds, not at the end of the trial
+    assert victim.returncode == 143, err
+    assert err.strip().splitlines() == ["terminated (SIGTERM): trial 0 was marked FAIL and queued again; a worker "
+                                        "resumes it from its last checkpoint"]
+    dead, retry = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    assert dead.state == TrialState.FAIL
+    assert retry.state == TrialState.WAITING
+    assert retry.system_attrs["failed_trial"] == 0 and retry.system_attrs["retry_history"] == [0]
+    assert retry.params == dead.params
+    epochs_done = len(dead.intermediate_values)
+    assert (tmp_path / "cache" / "artifacts" / dead.user_attrs["checkpoint"]).is_file()  # kept for the retry
+
+    survivor = spawn_cli("run", str(path), cwd=tmp_path)  # another worker takes the retry and resumes it
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    resumed = trials[1]
+    assert resumed.state == TrialState.COMPLETE, resumed.user_attrs.get("error")
+    assert resumed.user_attrs["resumed_after_epoch"] in (epochs_done - 2, epochs_done - 1)
+    assert resumed.user_attrs["val_accuracy"][:epochs_done] == [dead.intermediate_values[e]
+                                                                for e in range(epochs_done)]
+
+
+def test_workers_parent_forwards_sigterm_to_its_workers(write_study, tmp_path: Path):
+    path = write_study(text=study_text(n_trials=2, epochs=30, extra='pruner = "none"', space=SPACE,
+                                       dataset='dataset = "synthetic:size=24,train=600"'))
+    storage = "sqlite:///hpsearch.db"
+    parent = spawn_cli("run", str(path), "--workers", "2", "--device", "cpu", cwd=tmp_path)
+    _wait_for_epoch(parent, storage, running=2)
+    parent.send_signal(signal.SIGTERM)  # to the parent only, as docker stop does
+    out, err = parent.communicate(timeout=60)
+    assert parent.returncode == 143, (out, err)
+    assert out.count("terminated (SIGTERM): trial ") == 2  # one line from each worker, relayed
+    trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    assert sorted(t.state.name for t in trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]

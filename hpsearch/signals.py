@@ -58,16 +58,16 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         return  # a second SIGTERM (a forwarding parent and the process group both send one): already ending
     if _state.term is None:
         _state.term = Terminated()
-        threading.Thread(target=_resend, daemon=True).start()
+        threading.Thread(target=_resend, args=(_state.term,), daemon=True).start()
     raise _state.term
 
 
-def _resend() -> None:
+def _resend(term: Terminated) -> None:
     # A signal handler's exception is lost when it lands in a __del__ or weakref callback (seen: SQLAlchemy's,
     # "Exception ignored in ..."), so SIGTERM is sent again until some code has handled the Terminated.
-    while not _state.delivered:
+    while _state.term is term and not _state.delivered:
         time.sleep(RESEND_SECONDS)
-        if not _state.delivered:
+        if _state.term is term and not _state.delivered:  # not a later command's (tests run several in one process)
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import spawn_cli, study_text
@@ -131,9 +132,23 @@ def _wait_for_epoch(proc, storage: str, *, running: int = 1, epochs: int = 1) ->
     raise AssertionError(f"no epoch finished in time: {proc.communicate()}")
 
 
+# Epochs of a few tens of milliseconds: the SIGTERM tests measure the signal path, not training.
+TINY_FIXED = """
+[space]
+conv_layers = 1
+channels = 4
+padding = "same"
+stride = 1
+fc_layers = 1
+batch_size = 32
+optimizer = "adam"
+"""
+
+
+@pytest.mark.slow  # two real processes (~1 min on a shared 2-core machine); test_artifacts has an in-process one
 def test_sigterm_fails_the_trial_queues_its_retry_and_exits_143(write_study, tmp_path: Path):
-    path = write_study(text=study_text(n_trials=1, epochs=5, extra='pruner = "none"', space=SPACE,
-                                       dataset='dataset = "synthetic:size=24,train=600"'))
+    path = write_study(text=study_text(n_trials=1, epochs=40, extra='pruner = "none"', space=TINY_FIXED,
+                                       dataset='dataset = "synthetic:size=12,train=300"'))
     storage = "sqlite:///hpsearch.db"
     victim = spawn_cli("run", str(path), cwd=tmp_path)
     _wait_for_epoch(victim, storage, epochs=2)
@@ -163,9 +178,10 @@ def test_sigterm_fails_the_trial_queues_its_retry_and_exits_143(write_study, tmp
                                                                 for e in range(epochs_done)]
 
 
+@pytest.mark.slow  # three real processes
 def test_workers_parent_forwards_sigterm_to_its_workers(write_study, tmp_path: Path):
-    path = write_study(text=study_text(n_trials=2, epochs=30, extra='pruner = "none"', space=SPACE,
-                                       dataset='dataset = "synthetic:size=24,train=600"'))
+    path = write_study(text=study_text(n_trials=2, epochs=400, extra='pruner = "none"', space=TINY_FIXED,
+                                       dataset='dataset = "synthetic:size=12,train=300"'))
     storage = "sqlite:///hpsearch.db"
     parent = spawn_cli("run", str(path), "--workers", "2", "--device", "cpu", cwd=tmp_path)
     _wait_for_epoch(parent, storage, running=2)

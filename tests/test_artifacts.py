@@ -165,3 +165,13 @@ def test_the_env_variable_sets_the_store(run_cli, write_study, tmp_path, monkeyp
     study = optuna.load_study(study_name="tiny", storage=STORAGE)
     assert study.user_attrs[artifacts.ARTIFACTS_ATTR] == str(tmp_path / "from-env")
     assert (tmp_path / "from-env" / "checkpoints").is_dir()  # the trial's checkpoint was written, then removed
+
+
+def test_kept_checkpoints_are_removed_with_their_study(run_cli, write_study, tmp_path):
+    path = write_study(n_trials=2, epochs=1, space=SPACE)
+    assert run_cli("run", str(path), "--artifacts", "store", "--keep-checkpoints", "1").code == 0
+    study = optuna.load_study(study_name="tiny", storage=STORAGE)
+    folder = tmp_path / "store" / "checkpoints" / study.user_attrs[artifacts.STUDY_ID_ATTR]
+    assert [p.name for p in folder.iterdir()] == [f"trial-{study.best_trial.number}.pt"]  # the best one only
+    assert run_cli("delete", "tiny", "--yes").code == 0
+    assert list(folder.iterdir()) == []

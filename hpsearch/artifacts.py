@@ -18,12 +18,14 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import optuna
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
 
@@ -150,6 +152,29 @@ def remove_checkpoint(store: ArtifactStore, artifact_id: str) -> None:
         store.remove(artifact_id)
     except ArtifactNotFound:
         pass
+
+
+
+def checkpoints_after_trial(store: ArtifactStore, *, keep_best: int = 0
+                            ) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """A study.optimize callback (called once the trial's final state is stored): removes the trial's checkpoint,
+    unless it is among the ``keep_best`` best complete trials; then the one it pushed out of them goes."""
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        checkpoint = trial.user_attrs.get(CHECKPOINT_ATTR)
+        if checkpoint is None:
+            return
+        if keep_best > 0 and trial.state == TrialState.COMPLETE:
+            complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if CHECKPOINT_ATTR in t.user_attrs]
+            ranked = sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))
+            if trial.number in {t.number for t in ranked[:keep_best]}:
+                if len(ranked) > keep_best:  # only one can drop out per finished trial
+                    remove_checkpoint(store, ranked[keep_best].user_attrs[CHECKPOINT_ATTR])
+                return
+        remove_checkpoint(store, checkpoint)
+
+    return after
 
 
 class _FileSystemStore(FileSystemArtifactStore):

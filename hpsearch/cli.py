@@ -26,7 +26,7 @@ from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.launch import launch
-from hpsearch.objective import checkpoints_after_trial, make_objective
+from hpsearch.objective import make_objective
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.storage import MAX_RETRY, open_storage, storage_url
 from hpsearch.study import (
@@ -184,7 +184,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                   soft_wrap=True)
     with RunDisplay(console, study, target) as display:
         objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store)
-        cleanup = checkpoints_after_trial(store, keep_best=keep_checkpoints)
+        cleanup = artifacts.checkpoints_after_trial(store, keep_best=keep_checkpoints)
 
         def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             cleanup(study, trial)  # the trial's final state is stored by now
@@ -192,9 +192,9 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=on_trial_end, on_storage_error=_storage_error)
+    term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     if summary:
         console.print(summary_table(study))
-    term = signals.raised()
     if outcome.interrupted and term is not None:
         signals.retry_terminated(study, term, max_retry=MAX_RETRY)
         raise term  # sigterm_ends_trial prints its one line and exits 143

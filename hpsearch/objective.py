@@ -130,24 +130,3 @@ def make_objective(
 
     return objective
 
-
-def checkpoints_after_trial(store: artifacts.ArtifactStore, *, keep_best: int = 0
-                            ) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    """A study.optimize callback (called once the trial's final state is stored): removes the trial's checkpoint,
-    unless it is among the ``keep_best`` best complete trials; then the one it pushed out of them goes."""
-
-    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        checkpoint = trial.user_attrs.get(artifacts.CHECKPOINT_ATTR)
-        if checkpoint is None:
-            return
-        if keep_best > 0 and trial.state == TrialState.COMPLETE:
-            complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                        if artifacts.CHECKPOINT_ATTR in t.user_attrs]
-            ranked = sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))
-            if trial.number in {t.number for t in ranked[:keep_best]}:
-                if len(ranked) > keep_best:  # only one can drop out per finished trial
-                    artifacts.remove_checkpoint(store, ranked[keep_best].user_attrs[artifacts.CHECKPOINT_ATTR])
-                return
-        artifacts.remove_checkpoint(store, checkpoint)
-
-    return after

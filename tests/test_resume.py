@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from hpsearch import artifacts
 from hpsearch.data import load
-from hpsearch.objective import checkpoints_after_trial, make_objective
+from hpsearch.objective import make_objective
 from hpsearch.spec import load_spec
 from hpsearch.storage import MAX_RETRY, open_storage
 from hpsearch.study import open_study
@@ -123,7 +123,7 @@ def test_a_retried_trial_resumes_after_the_dead_trials_checkpoint(tmp_path, monk
         objective(study.ask())  # epochs 0 and 1 reported and checkpointed; killed reporting epoch 2
     _retry(study, 0)
     seen = _record_reports(monkeypatch)
-    study.optimize(objective, n_trials=1, callbacks=[checkpoints_after_trial(store)])
+    study.optimize(objective, n_trials=1, callbacks=[artifacts.checkpoints_after_trial(store)])
     dead, retry = study.trials
     assert retry.state == TrialState.COMPLETE, retry.user_attrs.get("error")
     assert seen == [(1, 2), (1, 3)]  # the first step the retry reports is the epoch after the checkpoint
@@ -137,7 +137,7 @@ def test_a_retried_trial_resumes_after_the_dead_trials_checkpoint(tmp_path, monk
 
 def test_finished_trials_keep_only_the_best_k_checkpoints(tmp_path):
     study, store, objective = _setup(tmp_path, epochs=1, fixed=False)
-    study.optimize(objective, n_trials=4, callbacks=[checkpoints_after_trial(store, keep_best=2)])
+    study.optimize(objective, n_trials=4, callbacks=[artifacts.checkpoints_after_trial(store, keep_best=2)])
     complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (-(t.value or 0), t.number))
     assert len(complete) >= 3
     files = {p.name for p in (tmp_path / "artifacts" / "checkpoints" / artifacts.study_id(study)).iterdir()}

@@ -297,6 +297,8 @@ def test_every_hpsearch_command_line_parses_with_the_real_cli(monkeypatch: pytes
             assert (K8S / Path(params["study_file"]).name).is_file(), where
         if command == "dashboard":
             assert (params["host"], params["port"]) == ("0.0.0.0", 8080), where
+        if command == "worker":
+            assert params["threads"] == 2, where
 
 
 def test_a_bad_command_line_is_caught(monkeypatch: pytest.MonkeyPatch):

@@ -10,8 +10,11 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -310,13 +313,14 @@ def test_a_bad_command_line_is_caught(monkeypatch: pytest.MonkeyPatch):
 
 def test_environment_variables_are_ones_the_cli_reads():
     known = _all_envvars()
-    for where, _, env in _command_lines():
-        unknown = {k for k in env if k.startswith("HPSEARCH_")} - known
-        if unknown == {"HPSEARCH_ARTIFACTS"}:
-            # The artifact store (--artifacts / HPSEARCH_ARTIFACTS) is built on another branch: this passes after
-            # the merge and keeps a typo in any other variable failing here now.
-            pytest.xfail("HPSEARCH_ARTIFACTS is not an option on this branch yet (artifact-store branch)")
-        assert not unknown, f"{where}: {sorted(unknown)} are read by no hpsearch option"
+    # The artifact store (--artifacts / HPSEARCH_ARTIFACTS) is built on another branch: until it is merged that one
+    # name is set aside, so a typo in any other variable fails here now.
+    pending = {"HPSEARCH_ARTIFACTS"} - known
+    unknown = {(where, k) for where, _, env in _command_lines() for k in env
+               if k.startswith("HPSEARCH_") and k not in known | pending}
+    assert not unknown, f"read by no hpsearch option: {sorted(unknown)}"
+    if pending:
+        pytest.xfail("HPSEARCH_ARTIFACTS is not an option on this branch yet (artifact-store branch)")
 
 
 def test_workers_and_dashboard_read_the_artifact_store_from_the_environment():
@@ -473,3 +477,62 @@ def test_create_with_a_bad_study_file_leaves_no_database(run_cli, write_study, t
     missing = run_cli("create", "nope.toml")
     assert missing.code == 2 and "nope.toml" in missing.err and missing.err.count("\n") == 1
     assert not (tmp_path / "hpsearch.db").exists()
+
+
+# ---------------------------------------------------------------- the password path of docker/ (PGPASSWORD)
+@pytest.fixture
+def password_pg() -> Iterator[str]:
+    """A throwaway PostgreSQL that checks passwords (scram-sha-256; the shared one on :5432 trusts 127.0.0.1).
+    Yields a storage URL without a password, as docker/ uses; the password is PASSWORD."""
+    initdb = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None) or shutil.which("initdb")
+    if initdb is None:
+        pytest.skip("PostgreSQL's initdb is not installed")
+    bindir = Path(initdb).parent
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root without a `postgres` user to run initdb as")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    home = Path(tempfile.mkdtemp(prefix="hpsearch-pg-"))  # not under tmp_path: the postgres user must reach it
+    try:
+        (home / "pw").write_text(PASSWORD + "\n")
+        if as_postgres:
+            shutil.chown(home, "postgres")
+            os.chmod(home / "pw", 0o644)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(home / "data"), "-U", "hpsearch",
+                        "--auth=scram-sha-256", f"--pwfile={home / 'pw'}", "--no-sync"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(home / "data"), "-w", "-l",
+                        str(home / "log"), "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
+                       check=True, capture_output=True, timeout=120)
+        try:
+            yield f"postgresql+psycopg://hpsearch@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(home / "data"), "-m", "immediate",
+                            "stop"], capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+PASSWORD = "s3cret-Pw-4-deploy"
+
+
+@pytest.mark.services
+def test_the_password_reaches_postgresql_through_pgpassword_only(run_cli, write_study, password_pg: str,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """docker/ gives hpsearch a storage URL without a password and the password as PGPASSWORD (libpq reads it)."""
+    path = write_study()
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    created = run_cli("create", str(path), "--storage", password_pg)
+    assert created.code == 0, created
+    assert optuna.get_all_study_names(password_pg) == ["tiny"]
+    monkeypatch.setenv("PGPASSWORD", "wrong-" + PASSWORD)
+    wrong = run_cli("create", str(path), "--storage", password_pg)
+    assert wrong.code == 1 and 'password authentication failed for user "hpsearch"' in wrong.err, wrong
+    assert PASSWORD not in wrong.out + wrong.err
+    monkeypatch.delenv("PGPASSWORD")
+    none = run_cli("create", str(path), "--storage", password_pg)
+    assert none.code == 1 and "no password supplied" in none.err, none

@@ -416,8 +416,9 @@ def test_the_images_install_path_gives_a_working_hpsearch_entrypoint(tmp_path: P
     sites = [p for p in sys.path if p.rstrip("/").endswith("site-packages") and Path(p).is_dir()]
     (next((venv / "lib").glob("python3*")) / "site-packages" / "deps.pth").write_text("\n".join(sites) + "\n")
     python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--ignore-installed", str(src)], capture_output=True, text=True, timeout=300)
+                          "--ignore-installed", str(src)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     entry = venv / "bin" / "hpsearch"
     assert entry.read_text().splitlines()[0] == f"#!{python}"
@@ -426,7 +427,6 @@ def test_the_images_install_path_gives_a_working_hpsearch_entrypoint(tmp_path: P
     # The installed copy, not the repository (which deps.pth leaves off the path), is what runs below.
     assert (next((venv / "lib").glob("python3*")) / "site-packages" / "hpsearch" / "cli.py").is_file()
     study = write_study(name="image")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(entry), "create", str(study), "--storage", "sqlite:///image.db"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stderr) == (0, ""), out

@@ -351,3 +351,31 @@ def dashboard(
         raise HpsearchError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def create(
+    study_file: Path = typer.Argument(..., help="A study file (studies/*.toml)."),
+    storage: str | None = StorageOpt,
+    force: bool = typer.Option(False, "--force", help="Update the stored study even if its search definition differs."),
+) -> None:
+    """Create the study of STUDY_FILE (or update its stored file) without running a trial; workers then join by name.
+
+    The one-shot step of docker/compose.yaml and docker/k8s/: the database is set up once, before any worker starts.
+    """
+    # Imported here, not at the top: this command trains nothing, so it pays for no training module.
+    from hpsearch.spec import load_spec
+    from hpsearch.storage import open_storage
+    from hpsearch.study import count_finished, finished_if_exists, open_study
+
+    spec = load_spec(study_file)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not Optuna's "A new study created" log line
+    rdb = open_storage(storage)
+    existed = finished_if_exists(rdb, spec.name) is not None
+    study = open_study(spec, rdb, force=force)
+    if existed:
+        console.print(f"study {spec.name!r} exists ({count_finished(study)} finished trials); stored study file "
+                      f"updated; join with: hpsearch worker {spec.name}", soft_wrap=True)
+    else:
+        console.print(f"study {spec.name!r} created ({spec.strategy} on {spec.dataset}, {len(spec.enqueue)} enqueued); "
+                      f"join with: hpsearch worker {spec.name}", soft_wrap=True)

@@ -176,6 +176,50 @@ def _storage_error(error: BaseException, retry_in: float) -> None:
 
 
 @app.command()
+def evaluate(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str | None = StorageOpt,
+    top: int = typer.Option(1, "--top", help="How many of the best complete trials to evaluate."),
+    seeds: int = typer.Option(3, "--seeds", help="Retraining runs per trial (seeds derived from the study seed)."),
+    epochs: str = typer.Option("best", "--epochs", help="best: the trial's best epoch count; max: its full budget."),
+    save: Path | None = typer.Option(None, "--save", help="Save each retrained model here (hpsearch.load_model)."),
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Retrain the best trials on train+val and measure them on the TEST split (the only command that reads it).
+
+    Results are stored on the study (seeds already stored are skipped: a killed evaluate resumes) and shown by
+    show and export."""
+    from hpsearch import evaluate as final
+
+    final.check_options(top=top, seeds=seeds, epochs=epochs)
+    rdb = open_storage(storage, create=False)
+    spec = load_spec_from_study(rdb, name)
+    study = load_existing(rdb, name)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        configure_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def progress(trial: int, index: int, total: int, accuracy: float) -> None:
+        console.print(f"trial {trial:>4} seed {index + 1}/{total}  test acc {accuracy:.4f}")
+
+    rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
+                                data_dir=data_dir or datasets.default_data_dir(),
+                                cache_dir=cache_dir or datasets.default_cache_dir(), device=dev, save_dir=save,
+                                progress=progress)
+    table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
+                  title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
+    for r in rows:
+        note = f" ({r.diverged} diverged)" if r.diverged else ""
+        table.add_row(str(r.number), f"{r.val_accuracy:.4f}", f"{r.mean:.4f} ± {r.std:.4f}{note}",
+                      str(len(r.accuracies)), str(r.epochs), str(r.param_count), f"{r.seconds_per_epoch:.1f}")
+    console.print(table)
+
+
+@app.command()
 def studies(storage: str | None = StorageOpt) -> None:
     """One row per study: name, strategy, dataset, trials by state, best value."""
     rdb = open_storage(storage, create=False)
@@ -194,7 +238,7 @@ def studies(storage: str | None = StorageOpt) -> None:
     console.print(table)
 
 
-def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+def _trial_row(t: optuna.trial.FrozenTrial, tested: dict[int, Any] | None = None) -> dict[str, Any]:
     duration = None
     if t.datetime_start and t.datetime_complete:
         duration = round((t.datetime_complete - t.datetime_start).total_seconds(), 3)
@@ -211,7 +255,22 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "note": t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("error"),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+        **_test_columns((tested or {}).get(t.number)),
     }
+
+
+def _test_columns(record: Any) -> dict[str, Any]:
+    """`hpsearch evaluate`'s results for a trial (stored on the study: Optuna does not let a finished trial change)."""
+    if not record or not record.get("runs"):
+        return {"test_accuracy_mean": None, "test_accuracy_std": None, "test_accuracies": None, "test_epochs": None}
+    return {"test_accuracy_mean": record["mean"], "test_accuracy_std": record["std"],
+            "test_accuracies": [r["test_accuracy"] for r in record["runs"]], "test_epochs": record["epochs"]}
+
+
+def _tested(study: optuna.Study) -> dict[int, Any]:
+    prefix = "evaluate:"  # hpsearch.evaluate.ATTR_PREFIX, not imported: that module needs torch
+    return {int(k[len(prefix):]): v for k, v in study.user_attrs.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
 @app.command()
@@ -225,7 +284,8 @@ def show(
     study = load_existing(open_storage(storage, create=False), name)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: (-(t.value or 0.0), t.number))
-    ranked = [_trial_row(t) for t in complete[:top]]
+    tested = _tested(study)
+    ranked = [_trial_row(t, tested) for t in complete[:top]]
     if as_json:
         counts = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
         best = dict(ranked[0], config=complete[0].user_attrs.get("config")) if ranked else None
@@ -234,11 +294,13 @@ def show(
         return
     console.print(summary_table(study))
     if ranked:
-        table = Table("rank", "trial", "val acc", "epochs", "s/epoch", "params", title=f"top {len(ranked)}",
+        table = Table("rank", "trial", "val acc", "test acc", "epochs", "s/epoch", "params", title=f"top {len(ranked)}",
                       title_justify="left")
         for i, row in enumerate(ranked, 1):
             spe = row["seconds_per_epoch"]
-            table.add_row(str(i), str(row["number"]), f"{row['value']:.4f}", str(row["epochs_run"]),
+            test = "-" if row["test_accuracy_mean"] is None else (
+                f"{row['test_accuracy_mean']:.4f} ± {row['test_accuracy_std']:.4f} ({len(row['test_accuracies'])})")
+            table.add_row(str(i), str(row["number"]), f"{row['value']:.4f}", test, str(row["epochs_run"]),
                           "-" if spe is None else f"{spe:.1f}", str(row["param_count"]))
         console.print(table)
 
@@ -253,7 +315,8 @@ def export(
     if out.suffix.lower() not in (".csv", ".json"):
         raise SpecError(f"--out: {str(out)!r} must end in .csv or .json")
     study = load_existing(open_storage(storage, create=False), name)
-    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
+    tested = _tested(study)
+    rows = [_trial_row(t, tested) for t in study.get_trials(deepcopy=False)]
     if out.suffix.lower() == ".json":
         text = json.dumps(rows, indent=2)
     else:

@@ -165,6 +165,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)
+    if outcome.no_trainable is not None:
+        raise SpecError(f"{spec.name}: {outcome.no_trainable}")
     if outcome.fatal is not None:
         raise HpsearchError(outcome.fatal)
     if outcome.error is not None:

@@ -222,6 +222,67 @@ def evaluate(
 
 
 @app.command()
+def reproduce(
+    study_file: Path = typer.Argument(..., help="A report table: studies/report/*.toml."),
+    epochs_scale: float | None = typer.Option(None, "--epochs-scale", help="Multiply every row's epochs (scaled run)."),
+    train_fraction: float | None = typer.Option(None, "--train-fraction",
+                                                help="Train on this part of the training set (scaled run)."),
+    seeds: int = typer.Option(1, "--seeds", help="Test runs per row (retrained on train+val)."),
+    weights: str | None = typer.Option(None, "--weights", help="Fine-tuning tables: a state_dict file instead of "
+                                       "ImageNet ResNet18 (not available offline)."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Fine-tuning tables: resnet18 | resnet50."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Run on another dataset (tests; the report's "
+                                       "numbers then do not apply)."),
+    out: Path | None = typer.Option(None, "--out", help="Markdown file (default: reproduce-<study>.md)."),
+    storage: str | None = StorageOpt,
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Run a report table, test every row, and print and write it next to the report's numbers."""
+    from hpsearch import evaluate as final
+    from hpsearch import reproduce as repro
+
+    final.check_options(top=1, seeds=seeds, epochs="max")
+    original = load_spec(study_file)
+    changes = repro.Changes(epochs_scale=epochs_scale, train_fraction=train_fraction, dataset=dataset,
+                            weights=weights, backbone=backbone)
+    spec = repro.prepare(original, changes)
+    target = out or Path(f"reproduce-{spec.name.replace('/', '_').replace(':', '_')}.md")
+    data_dir = data_dir or datasets.default_data_dir()
+    cache = cache_dir or datasets.default_cache_dir()
+    try:
+        _run(spec, storage, None, None, data_dir, cache, device, threads, force=False)
+    except HpsearchError as e:
+        if spec.strategy == "finetune" and weights is None and "weights" in str(e).lower():
+            raise HpsearchError(f"{e}; {repro.SUBSTITUTE_HINT}") from None
+        raise
+    study = load_existing(open_storage(storage, create=False), spec.name)
+    dev = resolve_device(device)
+
+    def progress(trial: int, index: int, total: int, accuracy: float) -> None:
+        console.print(f"trial {trial:>4} test run {index + 1}/{total}  test acc {accuracy:.4f}")
+
+    rows = final.evaluate_study(study, spec, top=len(spec.enqueue), seeds=seeds, epochs="max", data_dir=data_dir,
+                                cache_dir=cache, device=dev, progress=progress)
+    lines = repro.compare(study, rows)
+    source = datasets.read_raw(spec.dataset, data_dir, cache).source
+    note_lines = repro.notes(spec, original, changes, seeds, source)
+    table = Table(*repro.HEADER, title=f"{spec.name}: the report next to ours", title_justify="left")
+    for line in lines:
+        table.add_row(*repro.cells(line))
+    console.print(table)
+    for n in note_lines:
+        console.print(n.replace("**", "").replace("`", ""), soft_wrap=True)
+    try:
+        target.write_text(repro.markdown(f"{spec.name}: the report next to ours", note_lines, lines), encoding="utf-8")
+    except OSError as e:
+        raise HpsearchError(f"--out: cannot write {str(target)!r} ({e.strerror})") from None
+    console.print(f"wrote {target}")
+
+
+@app.command()
 def studies(storage: str | None = StorageOpt) -> None:
     """One row per study: name, strategy, dataset, trials by state, best value."""
     rdb = open_storage(storage, create=False)

@@ -15,7 +15,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch.spec import StudySpec, spec_from_dict
+from hpsearch.spec import StudySpec, spec_from_dict, split_row
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -39,7 +39,29 @@ def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampl
             return optuna.samplers.GPSampler(seed=seed, **knobs)
         if kind == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed, **knobs)
+        if kind == "enqueued":
+            return EnqueuedOnly()
         return optuna.samplers.QMCSampler(seed=seed, **knobs)
+
+
+class EnqueuedOnly(optuna.samplers.BaseSampler):
+    """Replays [[enqueue]] rows and samples nothing: a parameter a row does not give is an error, not a guess
+    (a fixed one-value parameter of the [space] excepted)."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        if isinstance(param_distribution, optuna.distributions.CategoricalDistribution) and len(
+                param_distribution.choices) == 1:
+            return param_distribution.choices[0]
+        raise SpecError(f'sampler "enqueued": trial {trial.number} needs {param_name!r}, which no [[enqueue]] row '
+                        "gives it (every row is used once; a row must name each parameter it uses)")
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -82,8 +104,9 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
     study.set_user_attr("dataset", spec.dataset)
     study.set_metric_names(["val_accuracy"])
     if created:
-        for params in spec.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
+        for row in spec.enqueue:
+            params, meta = split_row(row)
+            study.enqueue_trial(params, user_attrs=meta or None, skip_if_exists=True)
     return study
 
 

@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch._errors import HpsearchError, SpecError
 from hpsearch.data import DataInfo, Final, load_final
+from hpsearch.space import Fixed, Space
 from hpsearch.spec import StudySpec, spec_from_dict
 from hpsearch.strategies import STRATEGIES
 from hpsearch.train import BatchPrep, Diverged, FitResult, fit
@@ -148,9 +149,12 @@ def evaluate_study(
     return rows
 
 
-def _replay(params: dict[str, Any]) -> optuna.Trial:
-    # FixedTrial answers the suggest_* calls with the stored values: the strategy's own suggest rebuilds the config.
-    return cast(optuna.Trial, optuna.trial.FixedTrial(params))
+def replay(params: dict[str, Any], space: Space) -> optuna.Trial:
+    """A trial that answers the strategy's suggest calls with stored ``params``: the strategy's own suggest
+    rebuilds the config. Fixed values of the space fill parameters a trial stored before they existed (a
+    study older than ``milestones`` or ``pool_after``)."""
+    fixed = {k: d.value for k, d in space.dims.items() if isinstance(d, Fixed) and space.params[k].per is None}
+    return cast(optuna.Trial, optuna.trial.FixedTrial({**fixed, **params}))
 
 
 class _Enough(Exception):
@@ -161,7 +165,7 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
              save_dir: Path | None, study_name: str) -> dict[str, Any]:
     strategy = STRATEGIES[spec.strategy]
     info = final.data.info
-    config = strategy.suggest(_replay(trial.params), spec.space, spec.epochs, info)
+    config = strategy.suggest(replay(trial.params, spec.space), spec.space, spec.epochs, info)
     seed = eval_seed(spec.seed, trial.number, index)
     torch.manual_seed(seed)  # weight initialisation
     built = strategy.build(config, info)
@@ -254,7 +258,7 @@ def load_model(path: str | Path) -> Classifier:
     info = DataInfo(**{**meta["info"], "mean": tuple(meta["info"]["mean"]), "std": tuple(meta["info"]["std"]),
                        "classes": tuple(meta["info"]["classes"])})
     strategy = STRATEGIES[spec.strategy]
-    config = strategy.suggest(_replay(meta["params"]), spec.space, spec.epochs, info)
+    config = strategy.suggest(replay(meta["params"], spec.space), spec.space, spec.epochs, info)
     model = strategy.build(config, info).model
     model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return Classifier(model, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"]).eval()

@@ -99,3 +99,19 @@ def test_unknown_study(run_cli, write_study):
     assert run_cli("run", str(write_study(n_trials=1))).code == 0
     result = run_cli("evaluate", "nope")
     assert (result.code, result.err.strip()) == (2, "error: study 'nope' does not exist in this storage; studies: tiny")
+
+
+def test_replay_fills_parameters_older_trials_did_not_store(write_study):
+    from hpsearch import load_spec
+    from hpsearch.evaluate import replay
+    from hpsearch.strategies import STRATEGIES
+
+    spec = load_spec(write_study(space='[space]\nscheduler = "multistep"\npool = "max"\n'))
+    old = {"conv_layers": 1, "channels_0": 4, "kernel_size": 3, "padding": "same", "stride": 1, "pool": "max",
+           "pool_kernel": 2, "batch_norm": False, "fc_layers": 1, "optimizer": "adam", "lr": 0.001,
+           "weight_decay": 0.0001, "scheduler": "multistep", "lr_gamma": 0.1, "batch_size": 64,
+           "label_smoothing": 0.0, "augmentation": "none"}  # no pool_after, no milestones
+    data = datasets.load(DATASET, data_dir=Path("."), cache_dir=Path("."), device=torch.device("cpu"),
+                         val_fraction=0.1)
+    config = STRATEGIES["scratch"].suggest(replay(old, spec.space), spec.space, 2, data.info)
+    assert (config.pool_after, config.train.milestones) == ("each", "auto")

@@ -209,3 +209,21 @@ def test_reproduce_refuses_a_search_study(run_cli, write_study):
     result = run_cli("reproduce", str(write_study()))
     assert (result.code, result.err.strip()) == (
         2, "error: 'tiny': reproduce runs report tables (sampler \"enqueued\", studies/report/*.toml)")
+
+
+def test_zoo_rows_get_ten_class_heads():
+    _, model = _row_config(REPORT / "cifar10-table5-zoo.toml", "AlexNet", CIFAR)
+    assert _shapes(model)[-1] == ("fc", 4096, 10)
+    config, model = _row_config(REPORT / "cifar10-table5-zoo.toml", "VGG16", CIFAR)
+    assert _shapes(model)[-1][-1] == 10 and config.input_size == 32
+
+
+def test_finetune_tables_take_substitute_weights(tmp_path: Path):
+    from hpsearch.reproduce import Changes, prepare
+
+    weights = tmp_path / "resnet50.pth"
+    weights.write_bytes(b"")
+    spec = prepare(load_spec(REPORT / "cifar10-table7.toml"), Changes(weights=str(weights), backbone="resnet50"))
+    assert spec.name == "report-cifar10-table7@weights=resnet50.pth,backbone=resnet50"
+    assert (spec.space_overrides["weights"], spec.space_overrides["backbone"]) == (str(weights), "resnet50")
+    assert len(spec.enqueue) == 6

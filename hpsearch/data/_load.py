@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -317,7 +317,7 @@ def load_final(
     x = torch.cat([searched.train.x, searched.val.x])
     y = torch.cat([searched.train.y, searched.val.y])
     mean, std = _channel_stats(x)
-    info = DataInfo(**{**searched.info.__dict__, "mean": mean, "std": std})
+    info = replace(searched.info, mean=mean, std=std)
     return Final(
         data=Data(train=Split(x.to(device), y.to(device)), val=Split(searched.val.x.to(device),
                                                                       searched.val.y.to(device)), info=info),

@@ -36,8 +36,9 @@ class RunDisplay:
 
     def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        rejected = sum(t.state == TrialState.PRUNED and "rejected" in t.user_attrs for t in trials)
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) - rejected
+        pruned = sum(t.state == TrialState.PRUNED for t in trials) - rejected
         best = _best_value(study)
         value = "" if trial.value is None else f"{trial.value:.4f}"
         if trial.state == TrialState.PRUNED:
@@ -50,7 +51,7 @@ class RunDisplay:
         state = trial.state.name
         line = Text.assemble(
             (f"trial {trial.number:>4} ", "bold"), (f"{state:<8}", STATE_STYLE.get(state, "")), f" {value}",
-            (f"   finished {finished}{total}, pruned {pruned}, best {best}", "dim"),
+            (f"   finished {finished}{total}, pruned {pruned}, rejected {rejected}, best {best}", "dim"),
         )
         self.console.print(line, soft_wrap=True)
 
@@ -69,6 +70,10 @@ def summary_table(study: optuna.Study) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("trials", ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c) or "none")
+    rejected = sum(t.state == TrialState.PRUNED and "rejected" in t.user_attrs for t in trials)
+    if rejected:
+        # Pruned before training: they cost no epochs and do not count toward n_trials.
+        table.add_row("rejected", f"{rejected} of the pruned (architecture shrinks below 1x1; not counted)")
     try:
         best = study.best_trial
     except ValueError:

@@ -201,6 +201,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)
+    if outcome.no_trainable is not None:
+        raise SpecError(f"{spec.name}: {outcome.no_trainable}")
     if outcome.fatal is not None:
         raise HpsearchError(outcome.fatal)
     if outcome.error is not None:
@@ -209,6 +211,111 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
 def _storage_error(error: BaseException, retry_in: float) -> None:
     err_console.print(f"warning: lost the database ({first_line(error)}); going on in {retry_in:g} s", soft_wrap=True)
+
+
+@app.command()
+def evaluate(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str | None = StorageOpt,
+    top: int = typer.Option(1, "--top", help="How many of the best complete trials to evaluate."),
+    seeds: int = typer.Option(3, "--seeds", help="Retraining runs per trial (seeds derived from the study seed)."),
+    epochs: str = typer.Option("best", "--epochs", help="best: the trial's best epoch count; max: its full budget."),
+    save: Path | None = typer.Option(None, "--save", help="Save each retrained model here (hpsearch.load_model)."),
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Retrain the best trials on train+val and measure them on the TEST split (the only command that reads it).
+
+    Results are stored on the study (seeds already stored are skipped: a killed evaluate resumes) and shown by
+    show and export."""
+    from hpsearch import evaluate as final
+
+    final.check_options(top=top, seeds=seeds, epochs=epochs)
+    rdb = open_storage(storage, create=False)
+    spec = load_spec_from_study(rdb, name)
+    study = load_existing(rdb, name)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        configure_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def progress(trial: int, index: int, total: int, accuracy: float) -> None:
+        console.print(f"trial {trial:>4} seed {index + 1}/{total}  test acc {accuracy:.4f}")
+
+    rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
+                                data_dir=data_dir or datasets.default_data_dir(),
+                                cache_dir=cache_dir or datasets.default_cache_dir(), device=dev, save_dir=save,
+                                progress=progress)
+    table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
+                  title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
+    for r in rows:
+        note = f" ({r.diverged} diverged)" if r.diverged else ""
+        table.add_row(str(r.number), f"{r.val_accuracy:.4f}", f"{r.mean:.4f} ± {r.std:.4f}{note}",
+                      str(len(r.accuracies)), str(r.epochs), str(r.param_count), f"{r.seconds_per_epoch:.1f}")
+    console.print(table)
+
+
+@app.command()
+def reproduce(
+    study_file: Path = typer.Argument(..., help="A report table: studies/report/*.toml."),
+    epochs_scale: float | None = typer.Option(None, "--epochs-scale", help="Multiply every row's epochs (scaled run)."),
+    train_fraction: float | None = typer.Option(None, "--train-fraction",
+                                                help="Train on this part of the training set (scaled run)."),
+    seeds: int = typer.Option(1, "--seeds", help="Test runs per row (retrained on train+val)."),
+    weights: str | None = typer.Option(None, "--weights", help="Fine-tuning tables: a state_dict file instead of "
+                                       "ImageNet ResNet18 (not available offline)."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Fine-tuning tables: resnet18 | resnet50."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Run on another dataset (tests; the report's "
+                                       "numbers then do not apply)."),
+    out: Path | None = typer.Option(None, "--out", help="Markdown file (default: reproduce-<study>.md)."),
+    storage: str | None = StorageOpt,
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Run a report table, test every row, and print and write it next to the report's numbers."""
+    from hpsearch import evaluate as final
+    from hpsearch import reproduce as repro
+
+    final.check_options(top=1, seeds=seeds, epochs="max")
+    original = load_spec(study_file)
+    changes = repro.Changes(epochs_scale=epochs_scale, train_fraction=train_fraction, dataset=dataset,
+                            weights=weights, backbone=backbone)
+    spec = repro.prepare(original, changes)
+    target = out or Path(f"reproduce-{spec.name.replace('/', '_').replace(':', '_')}.md")
+    data_dir = data_dir or datasets.default_data_dir()
+    cache = cache_dir or datasets.default_cache_dir()
+    try:
+        _run(spec, storage, None, None, data_dir, cache, device, threads, force=False)
+    except HpsearchError as e:
+        if spec.strategy == "finetune" and weights is None and "weights" in str(e).lower():
+            raise HpsearchError(f"{e}; {repro.SUBSTITUTE_HINT}") from None
+        raise
+    study = load_existing(open_storage(storage, create=False), spec.name)
+    dev = resolve_device(device)
+
+    def progress(trial: int, index: int, total: int, accuracy: float) -> None:
+        console.print(f"trial {trial:>4} test run {index + 1}/{total}  test acc {accuracy:.4f}")
+
+    rows = final.evaluate_study(study, spec, top=len(spec.enqueue), seeds=seeds, epochs="max", data_dir=data_dir,
+                                cache_dir=cache, device=dev, progress=progress)
+    lines = repro.compare(study, rows)
+    source = datasets.read_raw(spec.dataset, data_dir, cache).source
+    note_lines = repro.notes(spec, original, changes, seeds, source)
+    table = Table(*repro.HEADER, title=f"{spec.name}: the report next to ours", title_justify="left")
+    for line in lines:
+        table.add_row(*repro.cells(line))
+    console.print(table)
+    for n in note_lines:
+        console.print(n.replace("**", "").replace("`", ""), soft_wrap=True)
+    try:
+        target.write_text(repro.markdown(f"{spec.name}: the report next to ours", note_lines, lines), encoding="utf-8")
+    except OSError as e:
+        raise HpsearchError(f"--out: cannot write {str(target)!r} ({e.strerror})") from None
+    console.print(f"wrote {target}")
 
 
 @app.command()
@@ -230,7 +337,7 @@ def studies(storage: str | None = StorageOpt) -> None:
     console.print(table)
 
 
-def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+def _trial_row(t: optuna.trial.FrozenTrial, tested: dict[int, Any] | None = None) -> dict[str, Any]:
     duration = None
     if t.datetime_start and t.datetime_complete:
         duration = round((t.datetime_complete - t.datetime_start).total_seconds(), 3)
@@ -247,7 +354,22 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "note": t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("error"),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+        **_test_columns((tested or {}).get(t.number)),
     }
+
+
+def _test_columns(record: Any) -> dict[str, Any]:
+    """`hpsearch evaluate`'s results for a trial (stored on the study: Optuna does not let a finished trial change)."""
+    if not record or not record.get("runs"):
+        return {"test_accuracy_mean": None, "test_accuracy_std": None, "test_accuracies": None, "test_epochs": None}
+    return {"test_accuracy_mean": record["mean"], "test_accuracy_std": record["std"],
+            "test_accuracies": [r["test_accuracy"] for r in record["runs"]], "test_epochs": record["epochs"]}
+
+
+def _tested(study: optuna.Study) -> dict[int, Any]:
+    prefix = "evaluate:"  # hpsearch.evaluate.ATTR_PREFIX, not imported: that module needs torch
+    return {int(k[len(prefix):]): v for k, v in study.user_attrs.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
 @app.command()
@@ -261,7 +383,8 @@ def show(
     study = load_existing(open_storage(storage, create=False), name)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: (-(t.value or 0.0), t.number))
-    ranked = [_trial_row(t) for t in complete[:top]]
+    tested = _tested(study)
+    ranked = [_trial_row(t, tested) for t in complete[:top]]
     if as_json:
         counts = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
         best = dict(ranked[0], config=complete[0].user_attrs.get("config")) if ranked else None
@@ -270,11 +393,13 @@ def show(
         return
     console.print(summary_table(study))
     if ranked:
-        table = Table("rank", "trial", "val acc", "epochs", "s/epoch", "params", title=f"top {len(ranked)}",
+        table = Table("rank", "trial", "val acc", "test acc", "epochs", "s/epoch", "params", title=f"top {len(ranked)}",
                       title_justify="left")
         for i, row in enumerate(ranked, 1):
             spe = row["seconds_per_epoch"]
-            table.add_row(str(i), str(row["number"]), f"{row['value']:.4f}", str(row["epochs_run"]),
+            test = "-" if row["test_accuracy_mean"] is None else (
+                f"{row['test_accuracy_mean']:.4f} ± {row['test_accuracy_std']:.4f} ({len(row['test_accuracies'])})")
+            table.add_row(str(i), str(row["number"]), f"{row['value']:.4f}", test, str(row["epochs_run"]),
                           "-" if spe is None else f"{spe:.1f}", str(row["param_count"]))
         console.print(table)
 
@@ -289,7 +414,8 @@ def export(
     if out.suffix.lower() not in (".csv", ".json"):
         raise SpecError(f"--out: {str(out)!r} must end in .csv or .json")
     study = load_existing(open_storage(storage, create=False), name)
-    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
+    tested = _tested(study)
+    rows = [_trial_row(t, tested) for t in study.get_trials(deepcopy=False)]
     if out.suffix.lower() == ".json":
         text = json.dumps(rows, indent=2)
     else:

@@ -74,7 +74,7 @@ def make_objective(
         try:
             config = strategy.suggest(trial, spec.space, spec.epochs, data.info)
         except Rejected as e:
-            # Pruned, not failed: TPE then learns to avoid the region, and the trial counts towards n_trials.
+            # Pruned, not failed: TPE then learns to avoid the region; it does not count toward n_trials.
             trial.set_user_attr("rejected", str(e))
             raise optuna.TrialPruned(f"rejected before training: {e}") from None
         trial.set_user_attr("config", asdict(config))

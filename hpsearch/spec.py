@@ -28,7 +28,10 @@ SAMPLER_KNOBS: dict[str, dict[str, Knob]] = {
     "gp": {"n_startup_trials": (int, 0, None)},
     "cmaes": {"n_startup_trials": (int, 0, None), "popsize": (int, 2, None)},
     "qmc": {"qmc_type": (str, None, None), "scramble": (bool, None, None)},
+    "enqueued": {},  # replays the [[enqueue]] rows and refuses to sample (the report's tables)
 }
+# Keys of an [[enqueue]] row that describe it rather than set a parameter: stored as the trial's user attrs.
+ENQUEUE_META = ("label", "paper_accuracy")
 PRUNER_KNOBS: dict[str, dict[str, Knob]] = {
     "none": {},
     "median": {"n_startup_trials": (int, 0, None), "n_warmup_steps": (int, 0, None), "interval_steps": (int, 1, None),
@@ -146,16 +149,41 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
         raise fail("enqueue", enqueue, "must be an array of tables ([[enqueue]])")
     for i, params in enumerate(enqueue):
         for key, value in params.items():
+            if key in ENQUEUE_META:
+                _check_meta(key, value, f"{where}: enqueue[{i}].{key} = {_show(value)}")
+                continue
             try:
                 space.check_fixed_value(key, value)
             except ValueError as e:
                 raise SpecError(f"{where}: enqueue[{i}].{key} = {_show(value)} {e}") from None
+
+    if sampler["type"] == "enqueued":
+        if not enqueue:
+            raise fail("sampler", "enqueued", "replays [[enqueue]] rows, but the file has none")
+        if n_trials is None or n_trials > len(enqueue):
+            raise fail("n_trials", n_trials, f'must be given and <= the {len(enqueue)} [[enqueue]] rows with sampler '
+                       '"enqueued" (it never samples)')
 
     return StudySpec(
         name=name, dataset=dataset, strategy=strategy, epochs=epochs, n_trials=n_trials, timeout=timeout,
         val_fraction=val_fraction, train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
         space_overrides=overrides, enqueue=tuple(enqueue), space=space,
     )
+
+
+def _check_meta(key: str, value: Any, where: str) -> None:
+    if key == "label" and (not isinstance(value, str) or not value.strip()):
+        raise SpecError(f"{where} must be a non-empty string (the row's name in reports)")
+    if key == "paper_accuracy" and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1
+    ):
+        raise SpecError(f"{where} must be a number with 0 <= paper_accuracy <= 1 (the accuracy a report gave)")
+
+
+def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An [[enqueue]] row -> (parameters, metadata such as label and paper_accuracy)."""
+    params = {k: v for k, v in row.items() if k not in ENQUEUE_META}
+    return params, {k: v for k, v in row.items() if k in ENQUEUE_META}
 
 
 def _number(data: dict[str, Any], key: str, kind: Any, low: float, high: float | None, fail: Any) -> Any:

@@ -17,12 +17,15 @@ from optuna.trial import TrialState
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.artifacts import new_study_id
 from hpsearch.signals import Terminated
-from hpsearch.spec import StudySpec, spec_from_dict
+from hpsearch.spec import StudySpec, spec_from_dict, split_row
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DB_RETRY_SECONDS = 5  # after a lost database connection, wait this long before going on
 DB_OUTAGE_SECONDS = 600  # give up (exit 1) when the database stays unreachable this long
+# Trials rejected before training (feature map below 1x1) stay PRUNED, so TPE learns to avoid them, but cost no
+# training and do not count toward n_trials. This many in a row means the space yields nothing trainable.
+MAX_REJECTED_IN_A_ROW = 50
 
 
 def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -38,7 +41,29 @@ def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampl
             return optuna.samplers.GPSampler(seed=seed, **knobs)
         if kind == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed, **knobs)
+        if kind == "enqueued":
+            return EnqueuedOnly()
         return optuna.samplers.QMCSampler(seed=seed, **knobs)
+
+
+class EnqueuedOnly(optuna.samplers.BaseSampler):
+    """Replays [[enqueue]] rows and samples nothing: a parameter a row does not give is an error, not a guess
+    (a fixed one-value parameter of the [space] excepted)."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        if isinstance(param_distribution, optuna.distributions.CategoricalDistribution) and len(
+                param_distribution.choices) == 1:
+            return param_distribution.choices[0]
+        raise SpecError(f'sampler "enqueued": trial {trial.number} needs {param_name!r}, which no [[enqueue]] row '
+                        "gives it (every row is used once; a row must name each parameter it uses)")
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -82,8 +107,9 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
     study.set_user_attr("dataset", spec.dataset)
     study.set_metric_names(["val_accuracy"])
     if created:
-        for params in spec.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
+        for row in spec.enqueue:
+            params, meta = split_row(row)
+            study.enqueue_trial(params, user_attrs=meta or None, skip_if_exists=True)
     return study
 
 
@@ -122,12 +148,23 @@ def fail_stale(study: optuna.Study) -> None:
 
 
 def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Finished trials that count toward n_trials: complete and pruned, rejected architectures excepted."""
+    return sum(not is_rejected(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def is_rejected(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.PRUNED and "rejected" in trial.user_attrs
+
+
+def count_rejected(study: optuna.Study) -> int:
+    return sum(is_rejected(t) for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
 
 
 @dataclass
 class RunOutcome:
-    ran: int = 0  # trials this process ran
+    ran: int = 0  # trials this process ran, rejected architectures excepted
+    rejected: int = 0  # trials this process rejected before training
+    no_trainable: str | None = None  # set when MAX_REJECTED_IN_A_ROW rejections in a row ended the run
     interrupted: bool = False
     error: str | None = None  # set when every trial this process ran failed
     fatal: str | None = None  # an error no other configuration would escape (weights, files): the run stopped
@@ -156,10 +193,25 @@ def run_trials(
     failures: list[str] = []
     outage_start: float | None = None  # when the current database outage began
 
+    rejected_in_a_row = 0
+
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        nonlocal outage_start
-        outcome.ran += 1
+        nonlocal outage_start, rejected_in_a_row
         outage_start = None
+        if is_rejected(trial):
+            outcome.rejected += 1
+            rejected_in_a_row += 1
+            if on_trial_end is not None:
+                on_trial_end(study, trial)
+            if rejected_in_a_row >= MAX_REJECTED_IN_A_ROW:
+                outcome.no_trainable = (
+                    f"{rejected_in_a_row} sampled architectures in a row were rejected before training (last: "
+                    f"{trial.user_attrs['rejected']}); make the [space] fit the input size (fewer conv_layers, "
+                    "smaller kernel_size/stride/pool_kernel, or padding)")
+                study.stop()
+            return
+        rejected_in_a_row = 0
+        outcome.ran += 1
         if trial.state == TrialState.FAIL:
             failures.append(trial.user_attrs.get("error", "unknown error"))
         if on_trial_end is not None:
@@ -186,7 +238,11 @@ def run_trials(
                 callbacks=[after_trial],
                 catch=(Exception,),  # one broken configuration (out of memory, say) must not end the study
             )
-            break
+            # Rejected architectures used up some of optimize's n_trials without counting: go on for the rest.
+            if outcome.rejected == 0 or outcome.fatal or outcome.no_trainable or budget is None or (
+                n_trials is not None and count_finished(study) >= n_trials
+            ):
+                break
         except KeyboardInterrupt:
             outcome.interrupted = True  # Optuna has already marked the running trial FAIL
             break

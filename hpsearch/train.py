@@ -33,7 +33,8 @@ class TrainConfig:
     momentum: float = 0.0  # sgd only
     nesterov: bool = False  # sgd only
     scheduler: str = "none"  # none | multistep | plateau | cosine
-    lr_gamma: float = 0.1  # multistep: factor at 50% and 75% of the epochs
+    lr_gamma: float = 0.1  # multistep: factor at the milestones
+    milestones: str = "auto"  # multistep: "auto" (50% and 75% of the epochs) or epochs such as "1,7"
     plateau_factor: float = 0.5  # plateau: factor when val accuracy stalls
     plateau_patience: int = 1  # plateau: epochs without improvement before the cut
     label_smoothing: float = 0.0
@@ -100,7 +101,8 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any
     if config.scheduler == "none":
         return None
     if config.scheduler == "multistep":
-        milestones = sorted({max(1, config.epochs // 2), max(1, (3 * config.epochs) // 4)})
+        milestones = (sorted({max(1, config.epochs // 2), max(1, (3 * config.epochs) // 4)})
+                      if config.milestones == "auto" else [int(m) for m in config.milestones.split(",")])
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_gamma)
     if config.scheduler == "plateau":  # monitors VALIDATION accuracy, hence mode="max"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(

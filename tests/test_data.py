@@ -51,7 +51,7 @@ def test_idx_files_in_each_layout(tmp_path: Path, layout: str, gz: bool):
     assert raw.train[0].shape == (50, 1, 28, 28) and raw.train[0].dtype == torch.uint8
     assert torch.equal(raw.train[0][:, 0], torch.from_numpy(train_x))
     assert torch.equal(raw.train[1], torch.from_numpy(train_y.astype(np.int64)))
-    assert raw.test[0].shape == (10, 1, 28, 28)
+    assert raw.sealed_test[0].shape == (10, 1, 28, 28)
 
 
 def test_truncated_idx_file_is_a_clear_error(tmp_path: Path):
@@ -88,7 +88,7 @@ def test_cifar_python_batches(tmp_path: Path, as_tar: bool):
         for name, batch in batches.items():
             (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(batch))
     raw = read_raw("cifar10", tmp_path / "data", tmp_path / "cache")
-    assert raw.train[0].shape == (100, 3, 32, 32) and raw.test[0].shape == (20, 3, 32, 32)
+    assert raw.train[0].shape == (100, 3, 32, 32) and raw.sealed_test[0].shape == (20, 3, 32, 32)
     first = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32)
     assert torch.equal(raw.train[0][0], torch.from_numpy(first))
     assert raw.train[1][:20].tolist() == [int(v) for v in batches["data_batch_1"][b"labels"]]
@@ -152,7 +152,7 @@ def test_split_is_fixed_by_seed_and_val_does_not_depend_on_train_fraction(tmp_pa
 
 def test_synthetic_arguments(tmp_path: Path):
     raw = read_raw("synthetic:classes=5,size=10,channels=3,train=50,test=7", tmp_path, tmp_path)
-    assert raw.train[0].shape == (50, 3, 10, 10) and raw.test[0].shape == (7, 3, 10, 10)
+    assert raw.train[0].shape == (50, 3, 10, 10) and raw.sealed_test[0].shape == (7, 3, 10, 10)
     assert sorted(set(raw.train[1].tolist())) == [0, 1, 2, 3, 4]
 
 

@@ -9,7 +9,9 @@ from image folders with its ten class names (``<dir>/cifar10/`` or ``<dir>/cifar
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,12 +83,41 @@ class Data:
     info: DataInfo
 
 
+class SealedTestSplit(HpsearchError):
+    """The test split was touched outside final evaluation (a bug: the search must never see test images)."""
+
+
+# Test-split reads so far in this process: the test suite checks that a search leaves it at 0.
+TEST_READS = {"count": 0}
+_OPEN = {"depth": 0}
+
+
+@contextmanager
+def _test_open() -> Iterator[None]:
+    _OPEN["depth"] += 1
+    try:
+        yield
+    finally:
+        _OPEN["depth"] -= 1
+
+
 @dataclass(frozen=True)
 class Raw:
+    """The files as read. ``test`` is sealed: it raises unless opened by ``load_test`` (final evaluation only),
+    so the search cannot select hyperparameters on the test images even by mistake."""
+
     train: readers.Arrays
-    test: readers.Arrays
+    sealed_test: readers.Arrays = field(repr=False)
     classes: tuple[str, ...]
     source: str  # where it was read from, for messages
+
+    @property
+    def test(self) -> readers.Arrays:
+        if _OPEN["depth"] <= 0:
+            raise SealedTestSplit("the test split is read only by `hpsearch evaluate` (data.load_test); "
+                                  "the search uses the train/val split")
+        TEST_READS["count"] += 1
+        return self.sealed_test
 
 
 # ---------------------------------------------------------------- reading (cached per process)
@@ -254,3 +285,51 @@ def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...
     mean = total / n
     var = (squares - n * mean.square()) / max(1, n - 1)  # unbiased, as torch.std
     return tuple((mean / 255).tolist()), tuple((var.clamp_min(0).sqrt() / 255).clamp_min(1e-3).tolist())
+
+
+# ---------------------------------------------------------------- final evaluation only
+
+
+@dataclass(frozen=True)
+class Final:
+    """What final evaluation trains and tests on: ``data.train`` is train+val (statistics recomputed on it),
+    ``data.val`` the former validation images (now trained on: a learning-rate schedule that watches
+    accuracy still gets a signal, but no held-out one), ``test`` the test split."""
+
+    data: Data
+    test: Split
+
+
+def load_final(
+    name: str,
+    *,
+    data_dir: Path,
+    cache_dir: Path,
+    device: torch.device,
+    val_fraction: float,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+) -> Final:
+    """The search's own split (same seed and fractions) with val merged into train, plus the test split.
+    The only caller is ``hpsearch.evaluate``."""
+    raw = read_raw(name, data_dir, cache_dir)
+    searched = _split(name, raw, torch.device("cpu"), val_fraction, train_fraction, seed)
+    x = torch.cat([searched.train.x, searched.val.x])
+    y = torch.cat([searched.train.y, searched.val.y])
+    mean, std = _channel_stats(x)
+    info = replace(searched.info, mean=mean, std=std)
+    return Final(
+        data=Data(train=Split(x.to(device), y.to(device)), val=Split(searched.val.x.to(device),
+                                                                      searched.val.y.to(device)), info=info),
+        test=load_test(name, data_dir=data_dir, cache_dir=cache_dir, device=device),
+    )
+
+
+def load_test(name: str, *, data_dir: Path, cache_dir: Path, device: torch.device) -> Split:
+    """The test split, on ``device``. Raises when the dataset has no test images (a folder without test/)."""
+    raw = read_raw(name, data_dir, cache_dir)
+    with _test_open():
+        x, y = raw.test
+    if len(y) == 0:
+        raise HpsearchError(f"dataset {name!r} has no test images (for a folder dataset: add test/<class>/*)")
+    return Split(x.to(device), y.to(device))

@@ -11,7 +11,7 @@ import optuna
 
 from hpsearch.augment import LEVELS
 from hpsearch.data import DataInfo
-from hpsearch.space import Categorical, FloatRange, Param, Space
+from hpsearch.space import Categorical, Fixed, FloatRange, Param, Space
 from hpsearch.train import Built, TrainConfig
 
 
@@ -37,6 +37,18 @@ class Rejected(Exception):
     """A sampled configuration that cannot train (e.g. its feature map shrinks below 1x1); the reason is stored."""
 
 
+def check_milestones(value: str) -> None:
+    """``milestones``: "auto" or strictly increasing epoch numbers >= 1 separated by commas ("1,7")."""
+    if value == "auto":
+        return
+    parts = value.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise ValueError('must be "auto" or epoch numbers separated by commas, such as "1,7"')
+    epochs = [int(p) for p in parts]
+    if epochs[0] < 1 or any(b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
+        raise ValueError("must list strictly increasing epoch numbers >= 1")
+
+
 def train_params(*, lr: tuple[float, float], batch_sizes: tuple[int, ...]) -> dict[str, Param]:
     """The training hyperparameters every strategy samples (optimizer, schedule, regularisation, batching)."""
     return {
@@ -48,8 +60,10 @@ def train_params(*, lr: tuple[float, float], batch_sizes: tuple[int, ...]) -> di
         "weight_decay": Param(FloatRange(1e-6, 1e-2, log=True), float, "weight decay", low=0.0, high=1.0),
         "scheduler": Param(Categorical(("none", "multistep", "plateau", "cosine")), str, "LR schedule",
                            allowed=("none", "multistep", "plateau", "cosine")),
-        "lr_gamma": Param(Categorical((0.1, 0.2, 0.5)), float, "multistep: LR factor at 50%/75% of epochs",
+        "lr_gamma": Param(Categorical((0.1, 0.2, 0.5)), float, "multistep: LR factor at each milestone",
                           low=1e-4, high=1.0),
+        "milestones": Param(Fixed("auto"), str, 'multistep: "auto" (50% and 75% of the epochs) or the epochs '
+                            'after which the LR is cut, as a string such as "1,7"', check=check_milestones),
         "plateau_factor": Param(Categorical((0.1, 0.2, 0.5)), float,
                                 "plateau: LR factor when val accuracy stalls", low=1e-4, high=0.999),
         "plateau_patience": Param(Categorical((1, 2)), int, "plateau: epochs without improvement", low=0, high=100),
@@ -80,6 +94,7 @@ def suggest_train(trial: optuna.Trial, space: Space, epochs: int, *, lr: float |
         nesterov=space.suggest(trial, "nesterov") if optimizer == "sgd" else False,
         scheduler=scheduler,
         lr_gamma=space.suggest(trial, "lr_gamma") if scheduler == "multistep" else 0.1,
+        milestones=space.suggest(trial, "milestones") if scheduler == "multistep" else "auto",
         plateau_factor=space.suggest(trial, "plateau_factor") if scheduler == "plateau" else 0.5,
         plateau_patience=space.suggest(trial, "plateau_patience") if scheduler == "plateau" else 1,
         label_smoothing=space.suggest(trial, "label_smoothing"),

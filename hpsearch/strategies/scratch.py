@@ -13,7 +13,7 @@ import optuna
 import torch.nn as nn
 
 from hpsearch.data import DataInfo
-from hpsearch.space import Categorical, FloatRange, IntRange, Param, Space
+from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Param, Space
 from hpsearch.strategies._base import Rejected, Strategy, suggest_train, train_params
 from hpsearch.train import Built, TrainConfig
 
@@ -26,9 +26,12 @@ PARAMS: dict[str, Param] = {
                      allowed=(0, 1, 2, 3, "same")),
     "stride": Param(Categorical((1, 2)), int, "conv stride", low=1, high=4),
     "pool": Param(Categorical(("max", "none")), str, "pooling after each conv block", allowed=("max", "avg", "none")),
+    "pool_after": Param(Fixed("each"), str, "pool after each conv block, or only after the last",
+                        allowed=("each", "last")),
     "pool_kernel": Param(Categorical((2, 3)), int, "pooling kernel (= its stride)", low=2, high=8),
     "batch_norm": Param(Categorical((False, True)), bool, "BatchNorm after each conv"),
-    "fc_layers": Param(IntRange(1, 8), int, "linear layers including the output layer", low=1, high=8),
+    # Up to 16: the report's FC-only model with nine hidden layers of 32 has 10.
+    "fc_layers": Param(IntRange(1, 8), int, "linear layers including the output layer", low=1, high=16),
     "fc_width": Param(IntRange(16, 1024, log=True), int, "width of each hidden linear layer", low=1, high=16384,
                       per="fc_layers"),
     "dropout": Param(FloatRange(0.0, 0.5), float, "dropout before each hidden linear layer", low=0.0, high=0.95),
@@ -44,6 +47,7 @@ class ScratchConfig:
     stride: int
     pool: str
     pool_kernel: int
+    pool_after: str  # each | last (the report's MNIST net pools once, after its second conv)
     batch_norm: bool
     fc_widths: tuple[int, ...]  # hidden linear layers; the output layer is added for the dataset's classes
     dropout: float
@@ -69,6 +73,7 @@ def suggest(trial: optuna.Trial, space: Space, epochs: int, info: DataInfo) -> S
         stride=stride,
         pool=pool,
         pool_kernel=space.suggest(trial, "pool_kernel") if pool != "none" else 0,
+        pool_after=space.suggest(trial, "pool_after") if pool != "none" else "each",
         batch_norm=batch_norm,
         fc_widths=tuple(space.suggest(trial, "fc_width", i) for i in range(n_fc - 1)),
         dropout=space.suggest(trial, "dropout") if n_fc > 1 else 0.0,
@@ -76,6 +81,11 @@ def suggest(trial: optuna.Trial, space: Space, epochs: int, info: DataInfo) -> S
     )
     feature_size(config, info)  # rejects, before any training, an architecture that shrinks below 1x1
     return config
+
+
+def _pools(config: ScratchConfig, block: int) -> bool:
+    """Whether conv block ``block`` is followed by pooling."""
+    return config.pool != "none" and (config.pool_after == "each" or block == len(config.channels) - 1)
 
 
 def _pad(config: ScratchConfig) -> int:
@@ -91,7 +101,7 @@ def feature_size(config: ScratchConfig, info: DataInfo) -> tuple[int, int]:
         if min(h, w) < 1:
             raise Rejected(f"conv block {i} (kernel {config.kernel_size}, padding {config.padding}, stride "
                            f"{config.stride}) shrinks the {info.height}x{info.width} input below 1x1")
-        if config.pool != "none":
+        if _pools(config, i):
             if min(h, w) < config.pool_kernel:
                 raise Rejected(f"pooling {config.pool_kernel} after conv block {i} meets a {h}x{w} feature map: "
                                f"it would shrink below 1x1")
@@ -102,16 +112,15 @@ def feature_size(config: ScratchConfig, info: DataInfo) -> tuple[int, int]:
 def build(config: ScratchConfig, info: DataInfo) -> Built:
     layers: list[nn.Module] = []
     in_ch = info.channels
-    for out_ch in config.channels:
+    for block, out_ch in enumerate(config.channels):
         layers.append(nn.Conv2d(in_ch, out_ch, config.kernel_size, stride=config.stride, padding=_pad(config),
                                 bias=not config.batch_norm))
         if config.batch_norm:
             layers.append(nn.BatchNorm2d(out_ch))
         layers.append(nn.ReLU(inplace=True))
-        if config.pool == "max":
-            layers.append(nn.MaxPool2d(config.pool_kernel))
-        elif config.pool == "avg":
-            layers.append(nn.AvgPool2d(config.pool_kernel))
+        if _pools(config, block):
+            pool = nn.MaxPool2d if config.pool == "max" else nn.AvgPool2d
+            layers.append(pool(config.pool_kernel))
         in_ch = out_ch
     h, w = feature_size(config, info)
     layers.append(nn.Flatten())

@@ -1,0 +1,264 @@
+"""Final evaluation: the best K complete trials retrained on train+val with S seeds, then measured on the TEST split.
+
+The only module that reads the test split (``data.load_final``). Per trial and seed:
+config   = strategy.suggest(FixedTrial(trial.params), spec.space, ...)   # the trial's own configuration
+data     = train+val of the search's split, normalisation statistics recomputed on it
+model    = strategy.build(config, info)                                    # seed: derived from the study seed
+fit      for best_epoch+1 epochs ("best") or the trial's budget ("max")
+accuracy on the test split, stored before the next seed starts (a killed evaluate resumes with the next seed)
+
+Where results are stored: Optuna refuses to change a finished trial (``set_trial_user_attr`` on a COMPLETE trial
+raises UpdateFinishedTrialError, also through the storage API), so each trial's results are a study user attr
+``evaluate:<trial number>`` (public ``Study.set_user_attr``); ``show``, ``show --json`` and ``export`` merge them
+into the trial's row, and the dashboard lists them with the study's user attrs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import optuna
+import torch
+import torch.nn as nn
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch._errors import HpsearchError, SpecError
+from hpsearch.data import DataInfo, Final, load_final
+from hpsearch.space import Fixed, Space
+from hpsearch.spec import StudySpec, spec_from_dict
+from hpsearch.strategies import STRATEGIES
+from hpsearch.train import BatchPrep, Diverged, FitResult, fit
+from hpsearch.train import evaluate as accuracy_on
+
+ATTR_PREFIX = "evaluate:"
+EPOCH_MODES = ("best", "max")
+MODEL_FORMAT = 1
+
+# progress(trial_number, seed_index, seeds, test_accuracy) after every retrained seed
+Progress = Callable[[int, int, int, float], None]
+
+
+def attr_key(trial_number: int) -> str:
+    return f"{ATTR_PREFIX}{trial_number}"
+
+
+def eval_seed(study_seed: int, trial_number: int, index: int) -> int:
+    """Seed of evaluation run ``index`` of a trial: derived from the study seed, distinct from the search's
+    per-trial seeds (a hash, so neighbouring trials or seeds never share a stream)."""
+    digest = hashlib.sha256(f"hpsearch-evaluate/{study_seed}/{trial_number}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+def stored(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    """Evaluation results stored on the study, by trial number."""
+    out = {}
+    for key, value in study.user_attrs.items():
+        if key.startswith(ATTR_PREFIX) and key[len(ATTR_PREFIX):].isdigit():
+            out[int(key[len(ATTR_PREFIX):])] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int
+    val_accuracy: float
+    epochs: int
+    accuracies: list[float]
+    mean: float
+    std: float
+    param_count: int | None
+    seconds_per_epoch: float
+    diverged: int  # seeds whose training loss became NaN/inf (their accuracy is that of the broken model)
+
+
+def ranked(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))[:top]
+
+
+def check_options(*, top: int, seeds: int, epochs: str) -> None:
+    if top < 1:
+        raise SpecError(f"--top {top}: must be >= 1")
+    if seeds < 1:
+        raise SpecError(f"--seeds {seeds}: must be >= 1")
+    if epochs not in EPOCH_MODES:
+        raise SpecError(f"--epochs {epochs!r}: allowed: best (best_epoch+1 of the trial), max (its full budget)")
+
+
+def epochs_for(trial: FrozenTrial, spec: StudySpec, mode: str) -> int:
+    if mode == "max":
+        return int(trial.user_attrs.get("config", {}).get("train", {}).get("epochs", spec.epochs))
+    best = trial.user_attrs.get("best_epoch")
+    if best is None:
+        raise HpsearchError(f"trial {trial.number} has no best_epoch (not run by hpsearch?); use --epochs max")
+    return int(best) + 1
+
+
+def evaluate_study(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    top: int,
+    seeds: int,
+    epochs: str,
+    data_dir: Path,
+    cache_dir: Path,
+    device: torch.device,
+    save_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> list[Row]:
+    """Retrains and tests the best ``top`` complete trials ``seeds`` times; seeds already stored are skipped."""
+    check_options(top=top, seeds=seeds, epochs=epochs)
+    trials = ranked(study, top)
+    if not trials:
+        raise HpsearchError(f"study {study.study_name!r} has no complete trial to evaluate")
+    final = load_final(spec.dataset, data_dir=data_dir, cache_dir=cache_dir, device=device,
+                       val_fraction=spec.val_fraction, train_fraction=spec.train_fraction, seed=spec.seed)
+    results = stored(study)
+    rows = []
+    for trial in trials:
+        n_epochs = epochs_for(trial, spec, epochs)
+        record = results.get(trial.number)
+        if record is None or record.get("epochs") != n_epochs:  # another epoch count measures something else
+            record = {"epochs": n_epochs, "mode": epochs, "runs": []}
+        for index in range(len(record["runs"]), seeds):
+            run = _retrain(trial, spec, final, n_epochs, index, device, save_dir, study.study_name)
+            record["runs"].append(run)
+            accs = [r["test_accuracy"] for r in record["runs"]]
+            record["mean"] = statistics.fmean(accs)
+            record["std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            study.set_user_attr(attr_key(trial.number), record)  # stored per seed: a killed run resumes here
+            if progress is not None:
+                progress(trial.number, index, seeds, run["test_accuracy"])
+        runs = record["runs"][:seeds]
+        accs = [r["test_accuracy"] for r in runs]
+        rows.append(Row(
+            number=trial.number, val_accuracy=float(trial.value or 0.0), epochs=n_epochs, accuracies=accs,
+            mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            param_count=trial.user_attrs.get("param_count"),
+            seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs),
+            diverged=sum(bool(r.get("diverged")) for r in runs),
+        ))
+    return rows
+
+
+def replay(params: dict[str, Any], space: Space) -> optuna.Trial:
+    """A trial that answers the strategy's suggest calls with stored ``params``: the strategy's own suggest
+    rebuilds the config. Fixed values of the space fill parameters a trial stored before they existed (a
+    study older than ``milestones`` or ``pool_after``)."""
+    fixed = {k: d.value for k, d in space.dims.items() if isinstance(d, Fixed) and space.params[k].per is None}
+    return cast(optuna.Trial, optuna.trial.FixedTrial({**fixed, **params}))
+
+
+class _Enough(Exception):
+    """Ends fit after the requested epochs; the schedule stays the trial's own (its full budget)."""
+
+
+def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, index: int, device: torch.device,
+             save_dir: Path | None, study_name: str) -> dict[str, Any]:
+    strategy = STRATEGIES[spec.strategy]
+    info = final.data.info
+    config = strategy.suggest(replay(trial.params, spec.space), spec.space, spec.epochs, info)
+    seed = eval_seed(spec.seed, trial.number, index)
+    torch.manual_seed(seed)  # weight initialisation
+    built = strategy.build(config, info)
+    seen: list[FitResult] = []
+
+    def on_epoch(epoch: int, result: FitResult) -> None:
+        seen[:] = [result]
+        if epoch + 1 >= n_epochs:
+            raise _Enough
+
+    diverged = None
+    start = time.perf_counter()
+    try:
+        fit(built, final.data, config.train, device=device, seed=seed, on_epoch=on_epoch)
+    except _Enough:
+        pass
+    except Diverged as e:
+        diverged = str(e)  # measured anyway: the report's diverged row is the accuracy of such a model
+    seconds = time.perf_counter() - start
+    epochs_run = len(seen[0].seconds_per_epoch) if seen else 1
+    model = built.model.to(device)
+    test_accuracy = accuracy_on(model, final.test, BatchPrep(final.data, built, device), device)
+    run: dict[str, Any] = {
+        "seed": seed, "test_accuracy": test_accuracy, "epochs_run": epochs_run,
+        "seconds_per_epoch": seconds / max(1, epochs_run),
+    }
+    if diverged:
+        run["diverged"] = diverged
+    if save_dir is not None:
+        run["saved"] = str(save_model(model, built_info(built, info), trial, spec, config, seed,
+                                      save_dir / f"{study_name}-trial{trial.number}-seed{index}"))
+    return run
+
+
+def built_info(built: Any, info: DataInfo) -> dict[str, Any]:
+    """The input pipeline a saved model needs: normalisation statistics and the resize, as fit fed it."""
+    return {"mean": list(built.mean or info.mean), "std": list(built.std or info.std),
+            "input_size": built.input_size, "info": asdict(info)}
+
+
+def save_model(model: nn.Module, pipeline: dict[str, Any], trial: FrozenTrial, spec: StudySpec, config: Any,
+               seed: int, stem: Path) -> Path:
+    """``<stem>.pt`` (state_dict) and ``<stem>.json`` (what ``load_model`` needs to rebuild the architecture)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": MODEL_FORMAT, "study": spec.to_dict(), "trial": trial.number, "params": trial.params,
+            "seed": seed, "config": asdict(config), **pipeline}
+    weights = stem.with_suffix(".pt")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+    stem.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return weights
+
+
+class Classifier(nn.Module):
+    """A saved model with its input pipeline: uint8 (or 0..255 float) images [B, C, H, W] -> logits."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self, model: nn.Module, *, mean: list[float], std: list[float], input_size: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
+        self.register_buffer("shift", -torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1))
+        self.input_size = input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, x.float(), self.scale)
+        if self.input_size is not None and self.input_size != x.shape[-1]:
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                          align_corners=False)
+        return self.model(x)
+
+
+def load_model(path: str | Path) -> Classifier:
+    """Rebuilds a model saved by ``hpsearch evaluate --save DIR`` (``path``: its .pt or .json) in eval mode.
+
+    The result takes uint8 images [B, C, H, W] of the dataset's size and returns logits; normalisation (and the
+    resize a zoo/finetune model wants) happens inside. Fine-tuned models are rebuilt with the study's weights
+    setting before the saved state_dict replaces them, so their weights file (or torch hub cache) must exist.
+    """
+    p = Path(path)
+    meta_path, weights_path = p.with_suffix(".json"), p.with_suffix(".pt")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HpsearchError(f"load_model: cannot read {str(meta_path)!r} ({e})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise HpsearchError(f"load_model: {str(meta_path)!r} is not a model saved by `hpsearch evaluate --save`")
+    spec = spec_from_dict(meta["study"], where=str(meta_path))
+    info = DataInfo(**{**meta["info"], "mean": tuple(meta["info"]["mean"]), "std": tuple(meta["info"]["std"]),
+                       "classes": tuple(meta["info"]["classes"])})
+    strategy = STRATEGIES[spec.strategy]
+    config = strategy.suggest(replay(meta["params"], spec.space), spec.space, spec.epochs, info)
+    model = strategy.build(config, info).model
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return Classifier(model, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"]).eval()

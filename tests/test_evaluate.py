@@ -1,0 +1,117 @@
+"""`hpsearch evaluate`: retrain the best trials on train+val, test accuracy per seed stored and resumable; the
+test split is sealed for everything else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import hpsearch
+from hpsearch import data as datasets
+from hpsearch.data import _load
+from hpsearch.evaluate import eval_seed
+
+STORAGE = "sqlite:///hpsearch.db"
+DATASET = "synthetic:classes=3,size=12,train=192,test=32"
+
+
+def test_the_test_split_is_sealed_outside_evaluate(tmp_path: Path):
+    raw = datasets.read_raw(DATASET, tmp_path, tmp_path)
+    with pytest.raises(datasets.SealedTestSplit, match=r"^the test split is read only by `hpsearch evaluate` "
+                                                      r"\(data.load_test\); the search uses the train/val split$"):
+        raw.test  # noqa: B018
+    split = datasets.load_test(DATASET, data_dir=tmp_path, cache_dir=tmp_path, device=torch.device("cpu"))
+    assert len(split) == 32 and split.x.dtype == torch.uint8
+
+
+def test_search_never_reads_test_images_and_evaluate_does(run_cli, write_study, monkeypatch):
+    monkeypatch.setitem(_load.TEST_READS, "count", 0)
+    assert run_cli("run", str(write_study(n_trials=3, extra='pruner = "none"'))).code == 0
+    assert _load.TEST_READS["count"] == 0
+    result = run_cli("evaluate", "tiny", "--top", "2", "--seeds", "2")
+    assert result.code == 0, result
+    assert _load.TEST_READS["count"] > 0
+    study = optuna.load_study(study_name="tiny", storage=STORAGE)
+    best = sorted(study.trials, key=lambda t: (-t.value, t.number))[:2]
+    for t in best:
+        record = study.user_attrs[f"evaluate:{t.number}"]
+        accs = [r["test_accuracy"] for r in record["runs"]]
+        assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+        assert record["epochs"] == t.user_attrs["best_epoch"] + 1 and record["mode"] == "best"
+        assert record["mean"] == pytest.approx(sum(accs) / 2)
+        assert record["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+        assert [r["seed"] for r in record["runs"]] == [eval_seed(0, t.number, 0), eval_seed(0, t.number, 1)]
+        assert f"{record['mean']:.4f} ± {record['std']:.4f}" in result.out
+    assert "test acc" in result.out and "s/epoch" in result.out
+    shown = json.loads(run_cli("show", "tiny", "--json", "--top", "3").out)
+    assert shown["top"][0]["test_accuracy_mean"] == study.user_attrs[f"evaluate:{best[0].number}"]["mean"]
+    assert len(shown["top"][0]["test_accuracies"]) == 2
+    assert " ± " in run_cli("show", "tiny").out
+    assert run_cli("export", "tiny", "--out", "t.json").code == 0
+    rows = {r["number"]: r for r in json.loads(Path("t.json").read_text())}
+    assert rows[best[1].number]["test_accuracy_std"] == study.user_attrs[f"evaluate:{best[1].number}"]["std"]
+
+
+def test_evaluate_resumes_with_the_seeds_not_yet_stored(run_cli, write_study, monkeypatch):
+    assert run_cli("run", str(write_study(n_trials=1, extra='pruner = "none"'))).code == 0
+    assert run_cli("evaluate", "tiny", "--seeds", "1").code == 0
+    study = optuna.load_study(study_name="tiny", storage=STORAGE)
+    first = study.user_attrs["evaluate:0"]["runs"][0]
+    calls = []
+    from hpsearch import evaluate as final
+    real = final._retrain
+    monkeypatch.setattr(final, "_retrain", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    assert run_cli("evaluate", "tiny", "--seeds", "3").code == 0
+    assert calls == [1, 2]  # seed 0 was stored: not retrained
+    runs = optuna.load_study(study_name="tiny", storage=STORAGE).user_attrs["evaluate:0"]["runs"]
+    assert runs[0] == first and len(runs) == 3
+
+
+def test_save_and_load_model_rebuilds_the_architecture(run_cli, write_study, tmp_path: Path):
+    assert run_cli("run", str(write_study(n_trials=1, extra='pruner = "none"'))).code == 0
+    assert run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "max", "--save", "models").code == 0
+    record = optuna.load_study(study_name="tiny", storage=STORAGE).user_attrs["evaluate:0"]
+    assert record["mode"] == "max" and record["epochs"] == 2
+    model = hpsearch.load_model(tmp_path / "models" / "tiny-trial0-seed0.pt")
+    assert not model.training
+    test = datasets.load_test(DATASET, data_dir=tmp_path, cache_dir=tmp_path, device=torch.device("cpu"))
+    with torch.no_grad():
+        accuracy = (model(test.x).argmax(1) == test.y).float().mean().item()
+    assert accuracy == pytest.approx(record["runs"][0]["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--seeds", "0"), "error: --seeds 0: must be >= 1"),
+    (("--top", "0"), "error: --top 0: must be >= 1"),
+    (("--epochs", "last"), "error: --epochs 'last': allowed: best (best_epoch+1 of the trial), max (its full budget)"),
+])
+def test_bad_options_are_one_line_errors(run_cli, write_study, args, message):
+    assert run_cli("run", str(write_study(n_trials=1))).code == 0
+    result = run_cli("evaluate", "tiny", *args)
+    assert (result.code, result.err.strip()) == (2, message)
+
+
+def test_unknown_study(run_cli, write_study):
+    assert run_cli("run", str(write_study(n_trials=1))).code == 0
+    result = run_cli("evaluate", "nope")
+    assert (result.code, result.err.strip()) == (2, "error: study 'nope' does not exist in this storage; studies: tiny")
+
+
+def test_replay_fills_parameters_older_trials_did_not_store(write_study):
+    from hpsearch import load_spec
+    from hpsearch.evaluate import replay
+    from hpsearch.strategies import STRATEGIES
+
+    spec = load_spec(write_study(space='[space]\nscheduler = "multistep"\npool = "max"\n'))
+    old = {"conv_layers": 1, "channels_0": 4, "kernel_size": 3, "padding": "same", "stride": 1, "pool": "max",
+           "pool_kernel": 2, "batch_norm": False, "fc_layers": 1, "optimizer": "adam", "lr": 0.001,
+           "weight_decay": 0.0001, "scheduler": "multistep", "lr_gamma": 0.1, "batch_size": 64,
+           "label_smoothing": 0.0, "augmentation": "none"}  # no pool_after, no milestones
+    data = datasets.load(DATASET, data_dir=Path("."), cache_dir=Path("."), device=torch.device("cpu"),
+                         val_fraction=0.1)
+    config = STRATEGIES["scratch"].suggest(replay(old, spec.space), spec.space, 2, data.info)
+    assert (config.pool_after, config.train.milestones) == ("each", "auto")

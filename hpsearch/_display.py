@@ -41,7 +41,7 @@ class RunDisplay:
         best = _best_value(study)
         value = "" if trial.value is None else f"{trial.value:.4f}"
         if trial.state == TrialState.PRUNED:
-            why = trial.user_attrs.get("rejected") or trial.user_attrs.get("diverged")
+            why = trial.user_attrs.get("rejected") or trial.user_attrs.get("diverged") or trial.user_attrs.get("dead")
             epochs = len(trial.intermediate_values)
             value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
         elif trial.state == TrialState.FAIL:

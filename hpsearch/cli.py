@@ -25,12 +25,13 @@ from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.launch import launch
-from hpsearch.objective import checkpoint_dir, make_objective
+from hpsearch.objective import chance_accuracy, checkpoint_dir, make_objective
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.storage import open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
+    dead_trial_rule,
     fail_stale,
     finished_if_exists,
     load_existing,
@@ -149,14 +150,15 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
-    study = open_study(spec, rdb, force=force)
+    dead = dead_trial_rule(spec, chance_accuracy(data.val))
+    study = open_study(spec, rdb, force=force, dead=dead)
     finished = count_finished(study)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
                   soft_wrap=True)
     with RunDisplay(console, study, target) as display:
-        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile,
+        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, dead=dead,
                                    checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=display.trial_end, on_storage_error=_storage_error)
@@ -208,7 +210,8 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "seconds_per_epoch": t.user_attrs.get("seconds_per_epoch"),
         "param_count": t.user_attrs.get("param_count"),
         "device": t.user_attrs.get("device"),
-        "note": t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("error"),
+        "note": (t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("dead")
+                 or t.user_attrs.get("error")),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
     }

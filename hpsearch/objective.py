@@ -14,9 +14,10 @@ import optuna
 import torch
 
 from hpsearch._errors import HpsearchError
-from hpsearch.data import Data
+from hpsearch.data import Data, Split
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
+from hpsearch.study import DeadTrialRule
 from hpsearch.train import Diverged, FitResult, fit
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
@@ -25,6 +26,11 @@ Progress = Callable[[int, int, int, float], None]
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
     return (study_seed * 1_000_003 + trial_number) % 2**63
+
+
+def chance_accuracy(split: Split) -> float:
+    """The validation accuracy of always guessing the split's most common class."""
+    return torch.bincount(split.y).max().item() / len(split)
 
 
 def checkpoint_dir(root: Path, storage_url: str, study_name: str) -> Path:
@@ -41,7 +47,9 @@ def make_objective(
     checkpoints: Path | None = None,
     progress: Progress | None = None,
     compile: bool = False,
+    dead: DeadTrialRule | None = None,
 ) -> Callable[[optuna.Trial], float]:
+    """``dead``: the study's dead-trial rule (its pruner applies it; the objective stores the reason)."""
     strategy = STRATEGIES[spec.strategy]
 
     def objective(trial: optuna.Trial) -> float:
@@ -93,7 +101,10 @@ def make_objective(
             if progress is not None:
                 progress(trial.number, epoch, config.train.epochs, value)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} with val accuracy {value:.4f}")
+                why = None if dead is None else dead.reason(epoch, value)
+                if why is not None:
+                    trial.set_user_attr("dead", why)
+                raise optuna.TrialPruned(why or f"pruned at epoch {epoch} with val accuracy {value:.4f}")
 
         try:
             result = fit(built, data, config.train, device=device, seed=seed, on_epoch=on_epoch, checkpoint=checkpoint,

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
                   soft_wrap=True)
+    started = time.monotonic()
     with RunDisplay(console, study, target) as display:
         objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, dead=dead,
                                    checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
@@ -164,6 +166,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                              on_trial_end=display.trial_end, on_storage_error=_storage_error)
     if summary:
         console.print(summary_table(study))
+        console.print(display.budget_line(time.monotonic() - started), soft_wrap=True)
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)

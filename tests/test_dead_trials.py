@@ -3,6 +3,8 @@ on top of whatever pruner the study names; ``pruner = "none"`` and ``dead_trial 
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -45,6 +47,9 @@ def test_a_trial_at_chance_is_pruned_after_its_first_epoch(run_cli, write_study)
     assert trial.user_attrs["dead"].startswith(f"val accuracy {trial.intermediate_values[0]:.4f} after 1 epochs "
                                                "is at chance (below 0.")
     assert "is at chance" in result.out
+    # The budget line puts the trial's seconds under "dead", none under complete or pruned.
+    line = next(x for x in result.out.splitlines() if x.startswith("time: "))
+    assert re.fullmatch(r"time: \d+ s in all: \d+ s dead \(\d+%\), \d+ s outside trials \(\d+%\)", line), line
 
 
 def test_a_learning_trial_is_not_pruned(run_cli, write_study):

@@ -3,6 +3,7 @@ the closing summary. Plain lines (no cursor tricks) when the output is not a ter
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import optuna
@@ -21,6 +22,7 @@ class RunDisplay:
         self.study = study
         self.target = target
         self.live = Live(Text(""), console=console, transient=True, auto_refresh=False)
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # this run's trial seconds by ending
 
     def __enter__(self) -> RunDisplay:
         if self.console.is_terminal:
@@ -35,6 +37,8 @@ class RunDisplay:
             self.live.update(Text(f"trial {trial}  epoch {epoch + 1}/{epochs}  val acc {value:.4f}"), refresh=True)
 
     def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.datetime_start and trial.datetime_complete:
+            self.seconds[_ending(trial)] += (trial.datetime_complete - trial.datetime_start).total_seconds()
         trials = study.get_trials(deepcopy=False)
         rejected = sum(t.state == TrialState.PRUNED and "rejected" in t.user_attrs for t in trials)
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) - rejected
@@ -42,7 +46,7 @@ class RunDisplay:
         best = _best_value(study)
         value = "" if trial.value is None else f"{trial.value:.4f}"
         if trial.state == TrialState.PRUNED:
-            why = trial.user_attrs.get("rejected") or trial.user_attrs.get("diverged")
+            why = trial.user_attrs.get("rejected") or trial.user_attrs.get("diverged") or trial.user_attrs.get("dead")
             epochs = len(trial.intermediate_values)
             value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
         elif trial.state == TrialState.FAIL:
@@ -54,6 +58,30 @@ class RunDisplay:
             (f"   finished {finished}{total}, pruned {pruned}, rejected {rejected}, best {best}", "dim"),
         )
         self.console.print(line, soft_wrap=True)
+
+
+    def budget_line(self, wall_seconds: float) -> str:
+        """How this run's time went: seconds (and share of the run) per way its trials ended."""
+        wall = max(wall_seconds, 1e-9)
+        parts = [f"{self.seconds[k]:.0f} s {k} ({self.seconds[k] / wall:.0%})" for k in ENDINGS if self.seconds[k]]
+        rest = max(0.0, wall_seconds - sum(self.seconds.values()))
+        parts.append(f"{rest:.0f} s outside trials ({rest / wall:.0%})")
+        return f"time: {wall_seconds:.0f} s in all: " + ", ".join(parts)
+
+
+# How a trial ended, for the budget line: pruned trials split by why (dead: at chance; rejected: never trained).
+ENDINGS = ("complete", "pruned", "dead", "diverged", "rejected", "failed")
+
+
+def _ending(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        return "complete"
+    if trial.state == TrialState.PRUNED:
+        for why in ("rejected", "dead", "diverged"):
+            if why in trial.user_attrs:
+                return why
+        return "pruned"
+    return "failed"
 
 
 def _best_value(study: optuna.Study) -> str:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.launch import launch
-from hpsearch.objective import make_objective
+from hpsearch.objective import chance_accuracy, make_objective
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.storage import MAX_RETRY, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
+    dead_trial_rule,
     fail_stale,
     finished_if_exists,
     load_existing,
@@ -174,7 +176,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
-    study = open_study(spec, rdb, force=force)
+    dead = dead_trial_rule(spec, chance_accuracy(data.val))
+    study = open_study(spec, rdb, force=force, dead=dead)
     store = artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
                                                                      artifacts.default_location(cache)))
     finished = count_finished(study)
@@ -182,8 +185,10 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
                   soft_wrap=True)
+    started = time.monotonic()
     with RunDisplay(console, study, target) as display:
-        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store)
+        objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store,
+                                   dead=dead)
         cleanup = artifacts.checkpoints_after_trial(store, keep_best=keep_checkpoints)
 
         def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -195,6 +200,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     if summary:
         console.print(summary_table(study))
+        console.print(display.budget_line(time.monotonic() - started), soft_wrap=True)
     if outcome.interrupted and term is not None:
         signals.retry_terminated(study, term, max_retry=MAX_RETRY)
         raise term  # sigterm_ends_trial prints its one line and exits 143
@@ -351,7 +357,8 @@ def _trial_row(t: optuna.trial.FrozenTrial, tested: dict[int, Any] | None = None
         "seconds_per_epoch": t.user_attrs.get("seconds_per_epoch"),
         "param_count": t.user_attrs.get("param_count"),
         "device": t.user_attrs.get("device"),
-        "note": t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("error"),
+        "note": (t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("dead")
+                 or t.user_attrs.get("error")),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         **_test_columns((tested or {}).get(t.number)),

@@ -16,10 +16,11 @@ from optuna.trial import TrialState
 
 from hpsearch import artifacts, signals
 from hpsearch._errors import HpsearchError
-from hpsearch.data import Data
+from hpsearch.data import Data, Split
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
+from hpsearch.study import DeadTrialRule
 from hpsearch.train import Diverged, FitResult, fit
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
@@ -40,6 +41,11 @@ def retried_from(trial: optuna.Trial) -> int | None:
         return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
+def chance_accuracy(split: Split) -> float:
+    """The validation accuracy of always guessing the split's most common class."""
+    return torch.bincount(split.y).max().item() / len(split)
+
+
 def make_objective(
     spec: StudySpec,
     data: Data,
@@ -48,7 +54,9 @@ def make_objective(
     store: artifacts.ArtifactStore | None = None,
     progress: Progress | None = None,
     compile: bool = False,
+    dead: DeadTrialRule | None = None,
 ) -> Callable[[optuna.Trial], float]:
+    """``dead``: the study's dead-trial rule (its pruner applies it; the objective stores the reason)."""
     strategy = STRATEGIES[spec.strategy]
 
     def objective(trial: optuna.Trial) -> float:
@@ -91,10 +99,10 @@ def make_objective(
         checkpoint: str | None = None
         resume: dict[str, Any] | None = None
         if store is not None:
-            dead = retried_from(trial)
+            retried = retried_from(trial)
             checkpoint = artifacts.checkpoint_id(artifacts.study_id(trial.study),
-                                                 trial.number if dead is None else dead)
-            if dead is not None:
+                                                 trial.number if retried is None else retried)
+            if retried is not None:
                 # the dead trial's own record wins: it is what its worker wrote to
                 checkpoint = str(trial.user_attrs.get(artifacts.CHECKPOINT_ATTR, checkpoint))
                 resume = artifacts.load_checkpoint(store, checkpoint)
@@ -112,7 +120,10 @@ def make_objective(
             if progress is not None:
                 progress(trial.number, epoch, config.train.epochs, value)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} with val accuracy {value:.4f}")
+                why = None if dead is None else dead.reason(epoch, value)
+                if why is not None:
+                    trial.set_user_attr("dead", why)
+                raise optuna.TrialPruned(why or f"pruned at epoch {epoch} with val accuracy {value:.4f}")
 
         def on_checkpoint(state: dict[str, Any]) -> None:
             assert store is not None and checkpoint is not None  # only passed to fit with both

@@ -32,7 +32,11 @@ SAMPLER_KNOBS: dict[str, dict[str, Knob]] = {
 }
 # Keys of an [[enqueue]] row that describe it rather than set a parameter: stored as the trial's user attrs.
 ENQUEUE_META = ("label", "paper_accuracy")
-PRUNER_KNOBS: dict[str, dict[str, Knob]] = {
+# Dead-trial pruning, on top of every pruner but "none": a trial whose validation accuracy is still within
+# ``dead_margin`` of chance (what always guessing the majority class scores) after ``dead_after`` epochs is pruned.
+DEAD_KNOBS: dict[str, Knob] = {"dead_trial": (bool, None, None), "dead_margin": ((int, float), 0, 1),
+                               "dead_after": (int, 1, None)}
+_PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
     "none": {},
     "median": {"n_startup_trials": (int, 0, None), "n_warmup_steps": (int, 0, None), "interval_steps": (int, 1, None),
                "n_min_trials": (int, 1, None)},
@@ -43,6 +47,7 @@ PRUNER_KNOBS: dict[str, dict[str, Knob]] = {
     "hyperband": {"min_resource": (int, 1, None), "max_resource": ((int, str), 1, None),
                   "reduction_factor": (int, 2, None)},
 }
+PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}
 TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "val_fraction", "train_fraction",
             "sampler", "pruner", "seed", "space", "enqueue")
 BUDGET_KEYS = ("n_trials", "timeout")  # may change between runs of the same study without --force

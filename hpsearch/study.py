@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.artifacts import new_study_id
 from hpsearch.signals import Terminated
-from hpsearch.spec import StudySpec, spec_from_dict, split_row
+from hpsearch.spec import DEAD_KNOBS, StudySpec, spec_from_dict, split_row
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -66,34 +66,86 @@ class EnqueuedOnly(optuna.samplers.BaseSampler):
                         "gives it (every row is used once; a row must name each parameter it uses)")
 
 
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    knobs = {k: v for k, v in spec.pruner.items() if k != "type"}
+@dataclass(frozen=True)
+class DeadTrialRule:
+    """A trial whose validation accuracy is below ``threshold`` (chance plus a margin) after ``after`` epochs
+    learns nothing: it is pruned at once instead of spending its whole budget at chance."""
+
+    threshold: float
+    after: int  # epochs
+
+    def reason(self, epoch: int, value: float) -> str | None:
+        """Why the trial is dead after 0-based ``epoch`` with validation accuracy ``value``; None when it is not."""
+        if epoch + 1 < self.after or value >= self.threshold:
+            return None
+        return f"val accuracy {value:.4f} after {epoch + 1} epochs is at chance (below {self.threshold:.4f})"
+
+
+DEAD_MARGIN = 0.02  # accuracy points above chance a trial must reach ...
+DEAD_AFTER = 1  # ... after this many epochs
+
+
+def dead_trial_rule(spec: StudySpec, chance: float) -> DeadTrialRule | None:
+    """The study's dead-trial rule for a validation split where always guessing one class scores ``chance``;
+    None when the study turns it off (``pruner = "none"`` or ``dead_trial = false``)."""
+    threshold = chance + spec.pruner.get("dead_margin", DEAD_MARGIN)
+    # A validation split (nearly) all of one class gives chance no meaning: nothing could beat the threshold.
+    if spec.pruner["type"] == "none" or not spec.pruner.get("dead_trial", True) or threshold >= 1:
+        return None
+    return DeadTrialRule(threshold=threshold, after=spec.pruner.get("dead_after", DEAD_AFTER))
+
+
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive-halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+}
+
+
+def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pruners.BasePruner:
+    knobs = {k: v for k, v in spec.pruner.items() if k != "type" and k not in DEAD_KNOBS}
     kind = spec.pruner["type"]
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    if kind == "median":
-        return optuna.pruners.MedianPruner(**knobs)
     if kind == "percentile":
-        return optuna.pruners.PercentilePruner(**{"percentile": 25.0, **knobs})
-    if kind == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**knobs)
-    # Steps are epochs, so a trial's full budget is known: hyperband needs no "auto" guess.
-    return optuna.pruners.HyperbandPruner(**{"max_resource": spec.epochs, **knobs})
+        knobs = {"percentile": 25.0, **knobs}
+    if kind == "hyperband":
+        # Steps are epochs, so a trial's full budget is known: hyperband needs no "auto" guess.
+        knobs = {"max_resource": spec.epochs, **knobs}
+    if dead is None:
+        return PRUNERS[kind](**knobs)
+    return _with_dead_trials(PRUNERS[kind])(dead=dead, **knobs)
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False) -> optuna.Study:
+def _with_dead_trials(base: type[optuna.pruners.BasePruner]) -> Any:
+    """``base`` that also prunes dead trials with Optuna's ThresholdPruner. A subclass rather than a wrapper:
+    Optuna shows samplers Hyperband's per-bracket trials only when ``isinstance(pruner, HyperbandPruner)``."""
+
+    class WithDeadTrials(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *, dead: DeadTrialRule, **knobs: Any) -> None:
+            super().__init__(**knobs)
+            self._dead = optuna.pruners.ThresholdPruner(lower=dead.threshold, n_warmup_steps=dead.after - 1)
+
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            return self._dead.prune(study, trial) or super().prune(study, trial)
+
+    return WithDeadTrials
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False,
+               dead: DeadTrialRule | None = None) -> optuna.Study:
     """Creates the study (storing the spec, enqueueing [[enqueue]]) or resumes it, refusing a changed file."""
     created = False
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize",
-                                    sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec))
+                                    sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec, dead))
         created = True
         new_study_id(study)  # first: a worker joining now waits for it (artifacts.study_id)
     except optuna.exceptions.DuplicatedStudyError:
         # Another run (or worker) made it: a fresh per-process sampler seed, so workers explore different points.
         study = optuna.load_study(storage=storage, study_name=spec.name,
                                   sampler=make_sampler(spec, (spec.seed + os.getpid()) % 2**32),
-                                  pruner=make_pruner(spec))
+                                  pruner=make_pruner(spec, dead))
         stored = study.user_attrs.get(SPEC_ATTR)
         if stored is not None and not force:
             old = spec_from_dict(json.loads(stored), where=f"study {spec.name!r}").search_definition()

@@ -269,7 +269,7 @@ def test_shipped_studies_load(name):
 def test_cli_runs_one_finetune_trial_on_synthetic_data(resnet18_file, tmp_path, run_cli):
     study = tmp_path / "study.toml"
     study.write_text(f'name = "ft-cli"\ndataset = "synthetic:channels=3,size=12,train=128,test=16"\n'
-                     f'strategy = "finetune"\nepochs = 2\nn_trials = 1\n'
+                     f'strategy = "finetune"\nepochs = 2\nn_trials = 1\npruner = "none"\n'
                      f'[space]\nweights = "{resnet18_file}"\nunfreeze = "fc"\ninput_size = 32\n'
                      f'augmentation = "none"\nbatch_size = 32\nhead_layers = 1\n')
     done = run_cli("run", str(study), "--device", "cpu", "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}")

@@ -109,7 +109,7 @@ def completed_trial(tmp_path: Path, name: str) -> optuna.trial.FrozenTrial:
 
 def test_cli_runs_one_resnet18_trial_on_one_channel_synthetic_data(tmp_path, run_cli):
     study = write(tmp_path, 'name = "zoo-cli"\ndataset = "synthetic:channels=1,size=12,train=128,test=16"\n'
-                            'strategy = "zoo"\nepochs = 1\nn_trials = 1\n'
+                            'strategy = "zoo"\nepochs = 1\nn_trials = 1\npruner = "none"\n'
                             '[space]\nmodel = "resnet18"\ninput_size = 16\nbatch_size = 32\n')
     done = run_cli("run", str(study), "--device", "cpu", "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}")
     assert done.code == 0, done
@@ -122,7 +122,7 @@ def test_cli_runs_one_resnet18_trial_on_one_channel_synthetic_data(tmp_path, run
 @pytest.mark.parametrize(("model", "size"), [("alexnet", 63), ("vgg16", 32)])
 def test_cli_runs_alexnet_and_vgg16(tmp_path, run_cli, model, size):
     study = write(tmp_path, f'name = "zoo-{model}"\ndataset = "synthetic:channels=3,size=12,train=64,test=16"\n'
-                            f'strategy = "zoo"\nepochs = 1\nn_trials = 1\n'
+                            f'strategy = "zoo"\nepochs = 1\nn_trials = 1\npruner = "none"\n'
                             f'[space]\nmodel = "{model}"\ninput_size = {size}\nbatch_size = 32\noptimizer = "sgd"\n')
     done = run_cli("run", str(study), "--device", "cpu", "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}")
     assert done.code == 0, done

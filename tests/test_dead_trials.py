@@ -1,0 +1,92 @@
+"""Dead-trial pruning: a trial still at chance after its first epoch is pruned at once, with the reason stored,
+on top of whatever pruner the study names; ``pruner = "none"`` and ``dead_trial = false`` turn it off."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpsearch.spec import load_spec
+from hpsearch.study import DeadTrialRule, dead_trial_rule, make_pruner
+from tests.conftest import study_text
+
+DATA = 'dataset = "synthetic:classes=4,size=12,train=800,test=32"'
+# lr 1e-7: the weights barely move, so validation accuracy stays where random initialisation puts it.
+DEAD_SPACE = """
+[space]
+padding = "same"
+stride = 1
+conv_layers = 1
+channels = 4
+fc_layers = 1
+batch_size = 64
+optimizer = "sgd"
+momentum = 0.0
+lr = 1e-7
+"""
+# dead_margin 0.5: with 4 classes the threshold is chance (~0.25) + 0.5, far above what a model that does not
+# learn scores by luck on 80 validation images, far below what the tiny CNN reaches in one epoch when it learns.
+MARGIN = "dead_margin = 0.5"
+
+
+def _trials() -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").get_trials()
+
+
+def test_a_trial_at_chance_is_pruned_after_its_first_epoch(run_cli, write_study):
+    extra = f'pruner = {{ type = "median", n_startup_trials = 100, {MARGIN} }}'  # median alone would never prune
+    path = write_study(text=study_text(epochs=5, n_trials=1, extra=extra, space=DEAD_SPACE, dataset=DATA))
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    [trial] = _trials()
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0]  # one epoch, not five
+    assert trial.user_attrs["dead"].startswith(f"val accuracy {trial.intermediate_values[0]:.4f} after 1 epochs "
+                                               "is at chance (below 0.")
+    assert "is at chance" in result.out
+    # The budget line puts the trial's seconds under "dead", none under complete or pruned.
+    line = next(x for x in result.out.splitlines() if x.startswith("time: "))
+    assert re.fullmatch(r"time: \d+ s in all: \d+ s dead \(\d+%\), \d+ s outside trials \(\d+%\)", line), line
+
+
+def test_a_learning_trial_is_not_pruned(run_cli, write_study):
+    space = DEAD_SPACE.replace("lr = 1e-7", "lr = 0.05").replace('optimizer = "sgd"', 'optimizer = "adam"')
+    extra = f'pruner = {{ type = "median", n_startup_trials = 100, {MARGIN} }}'
+    path = write_study(text=study_text(epochs=3, n_trials=1, extra=extra, space=space, dataset=DATA))
+    assert run_cli("run", str(path)).code == 0
+    [trial] = _trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs
+    assert "dead" not in trial.user_attrs
+
+
+@pytest.mark.parametrize("extra", ['pruner = "none"', f'pruner = {{ type = "median", dead_trial = false, {MARGIN} }}'])
+def test_dead_trial_pruning_can_be_turned_off(run_cli, write_study, extra):
+    path = write_study(text=study_text(epochs=2, n_trials=1, extra=extra, space=DEAD_SPACE, dataset=DATA))
+    assert run_cli("run", str(path)).code == 0
+    [trial] = _trials()
+    assert trial.state == TrialState.COMPLETE
+    assert len(trial.intermediate_values) == 2
+
+
+def test_rule_and_pruner(write_study):
+    spec = load_spec(write_study(extra='pruner = { type = "hyperband", dead_after = 2 }'))
+    rule = dead_trial_rule(spec, 0.25)
+    assert rule == DeadTrialRule(threshold=0.27, after=2)
+    assert rule.reason(0, 0.1) is None  # too early
+    assert rule.reason(1, 0.3) is None  # learning
+    assert rule.reason(1, 0.26) == "val accuracy 0.2600 after 2 epochs is at chance (below 0.2700)"
+    # Still a HyperbandPruner: Optuna shows samplers the per-bracket trials only for one.
+    assert isinstance(make_pruner(spec, rule), optuna.pruners.HyperbandPruner)
+    assert dead_trial_rule(spec, 0.99) is None  # one class fills the split: chance means nothing
+
+
+def test_dead_trial_knobs_are_validated(run_cli, write_study):
+    result = run_cli("run", str(write_study(extra='pruner = { type = "median", dead_margin = 2 }')))
+    assert result.code == 2
+    assert "pruner.dead_margin = 2 must be >= 0 and <= 1" in result.err
+    result = run_cli("run", str(write_study(extra='pruner = { type = "none", dead_trial = true }')))
+    assert result.code == 2
+    assert "pruner.dead_trial = true is not a knob of pruner 'none'; allowed: none" in result.err

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -72,7 +72,7 @@ def _resend(term: Terminated) -> None:
 
 
 @contextmanager
-def sigterm_ends_trial(print_line: object) -> Iterator[None]:
+def sigterm_ends_trial(print_line: Callable[[str], None]) -> Iterator[None]:
     """Around a command that runs trials: SIGTERM raises Terminated; a Terminated that reaches here is turned into
     one line (``print_line(text)``) and exit 143. Only the main thread can install a handler: elsewhere (a test
     calling the command from a thread) nothing changes."""
@@ -88,14 +88,16 @@ def sigterm_ends_trial(print_line: object) -> Iterator[None]:
             text = (f"terminated (SIGTERM): trial {e.trial_number} was marked FAIL and queued again; "
                     "a worker resumes it from its last checkpoint")
         elif e.trial_number is not None:
-            text = f"terminated (SIGTERM): trial {e.trial_number} was marked FAIL (no retries left)"
+            text = (f"terminated (SIGTERM): trial {e.trial_number} was not queued again (its retries are used up, "
+                    "or its FAIL could not be stored: then its heartbeat goes stale and it is retried)")
         else:
             text = "terminated (SIGTERM): no trial was running"
-        print_line(text)  # type: ignore[operator]
+        print_line(text)
         raise SystemExit(EXIT_CODE) from None
     finally:
         _state.delivered = True  # stops the resending thread
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
         _state.term, _state.delivered = None, False
 
 

@@ -203,7 +203,7 @@ def test_a_trial_trained_on_cached_outputs_resumes_where_the_cache_cannot_be_use
                                                                                   monkeypatch):
     feature_cache.clear()
     data = synthetic(train=96)
-    train = replace(TRAIN, epochs=3, optimizer="adam", lr=1e-3)
+    train = replace(TRAIN, epochs=2, optimizer="adam", lr=1e-3)
     small_lr = config(resnet18_file, head_lr=1e-3, backbone_lr=1e-4, input_size=24)  # as in the test above
     states: list[dict] = []
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def test_a_trial_trained_on_cached_outputs_resumes_where_the_cache_cannot_be_use
     resumed = fit(finetune.build(small_lr, data.info), data, train, device=torch.device("cpu"), seed=0,
                   resume=states[0], on_epoch=lambda epoch, result: seen.append(epoch))
     assert feature_cache.cached_bytes() == 0
-    assert seen == [1, 2]
+    assert seen == [1]
     # the uncached path runs the fp32 trunk every batch: the same predictions, losses to ~1e-3 (see above)
     assert resumed.val_accuracy == straight.val_accuracy
     torch.testing.assert_close(resumed.train_loss, straight.train_loss, rtol=5e-3, atol=0)

@@ -59,6 +59,8 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for traini
 WorkersOpt = typer.Option(1, "--workers", min=1,
                           help="Worker processes here: GPUs dealt round robin, CPU cores split between them.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile each trial's model (see benchmarks/README.md).")
+NoArtifactsOpt = typer.Option(False, "--no-artifacts",
+                              help="No per-trial PNGs and notes for optuna-dashboard (see benchmarks/README.md).")
 
 
 def main() -> None:
@@ -86,12 +88,13 @@ def run(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    no_artifacts: bool = NoArtifactsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
 ) -> None:
     """Create or resume the study of STUDY_FILE and run trials until it holds n_trials finished trials."""
     spec = load_spec(study_file)
     _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
-         compile=compile)
+         compile=compile, no_artifacts=no_artifacts)
 
 
 @app.command()
@@ -106,18 +109,19 @@ def worker(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    no_artifacts: bool = NoArtifactsOpt,
     summary: bool = typer.Option(True, "--summary/--no-summary", hidden=True,
                                  help="End with the study's summary table (--workers' children do not)."),
 ) -> None:
     """Join an existing study by name (its study file is stored in the database) and run trials."""
     spec = load_spec_from_study(open_storage(storage, create=False), name)
     _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
-         compile=compile, summary=summary)
+         compile=compile, summary=summary, no_artifacts=no_artifacts)
 
 
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
-         compile: bool = False, summary: bool = True) -> None:
+         compile: bool = False, summary: bool = True, no_artifacts: bool = False) -> None:
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
@@ -138,7 +142,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         datasets.read_raw(spec.dataset, data_dir or datasets.default_data_dir(), cache)
         study = open_study(spec, rdb, force=force)
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
-                      data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file)
+                      data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file,
+                      no_artifacts=no_artifacts)
         console.print(summary_table(study))
         if code:
             raise SystemExit(code)
@@ -151,12 +156,14 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                          seed=spec.seed)
     study = open_study(spec, rdb, force=force)
     finished = count_finished(study)
+    artifacts = _trial_artifacts(study, spec, cache, enabled=not no_artifacts)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
                   soft_wrap=True)
     with RunDisplay(console, study, target) as display:
         objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile,
+                                   artifacts=artifacts,
                                    checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=display.trial_end, on_storage_error=_storage_error)
@@ -169,6 +176,17 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         raise HpsearchError(outcome.fatal)
     if outcome.error is not None:
         raise HpsearchError(f"every trial of this run failed; last error: {outcome.error}")
+
+
+def _trial_artifacts(study: optuna.Study, spec: StudySpec, cache: Path, *, enabled: bool) -> Any:
+    """The study's note, and the artifact store its trials upload to (None with --no-artifacts)."""
+    from hpsearch.artifacts import study_artifact_store
+    from hpsearch.dashboard import ARTIFACTS_ATTR
+    from hpsearch.explain import save_study_note
+
+    store = study_artifact_store(study, cache / "artifacts") if enabled else None
+    save_study_note(study, spec, artifacts=study.user_attrs.get(ARTIFACTS_ATTR) if enabled else None)
+    return store
 
 
 def _storage_error(error: BaseException, retry_in: float) -> None:
@@ -300,14 +318,21 @@ def dashboard(
     storage: str | None = StorageOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port to listen on."),
+    cache_dir: Path | None = CacheDirOpt,
 ) -> None:
-    """Browse the studies in optuna-dashboard (blocks; Ctrl-C stops it)."""
+    """Browse the studies in optuna-dashboard, with each trial's curves, confusion matrix and note (blocks; Ctrl-C
+    stops it)."""
     import optuna_dashboard
 
+    from hpsearch.dashboard import dashboard_artifact_store
+
     rdb = open_storage(storage, create=False)
-    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)")
+    store, locations = dashboard_artifact_store(
+        rdb, default_location=(cache_dir or datasets.default_cache_dir()) / "artifacts")
+    console.print(f"artifacts from {', '.join(locations)}", soft_wrap=True)
+    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)", soft_wrap=True)
     try:
-        optuna_dashboard.run_server(rdb, host=host, port=port)
+        optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=store)
     except OSError as e:
         raise HpsearchError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
     except KeyboardInterrupt:

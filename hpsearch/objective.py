@@ -15,6 +15,7 @@ import torch
 
 from hpsearch._errors import HpsearchError
 from hpsearch.data import Data
+from hpsearch.explain import ArtifactStore, TrialExplainer
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
 from hpsearch.train import Diverged, FitResult, fit
@@ -41,7 +42,9 @@ def make_objective(
     checkpoints: Path | None = None,
     progress: Progress | None = None,
     compile: bool = False,
+    artifacts: ArtifactStore | None = None,
 ) -> Callable[[optuna.Trial], float]:
+    """With ``artifacts``, each trial that ran an epoch gets its PNGs and note (hpsearch.explain)."""
     strategy = STRATEGIES[spec.strategy]
 
     def objective(trial: optuna.Trial) -> float:
@@ -74,6 +77,7 @@ def make_objective(
         trial.set_user_attr("trainable_param_count",
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
         trial.set_user_attr("device", str(device))
+        explainer = None if artifacts is None else TrialExplainer(artifacts, built, data.info, device=device)
 
         # A retried trial inherits the user attrs of the one whose worker died, this path included: it resumes.
         checkpoint = None
@@ -85,6 +89,8 @@ def make_objective(
 
         def on_epoch(epoch: int, result: FitResult) -> None:
             value = result.val_accuracy[-1]
+            if explainer is not None:
+                explainer.observe(result)
             trial.report(value, epoch)
             trial.set_user_attr("train_loss", result.train_loss)
             trial.set_user_attr("val_accuracy", result.val_accuracy)
@@ -100,11 +106,19 @@ def make_objective(
                          compile=compile)
         except Diverged as e:
             trial.set_user_attr("diverged", str(e))
+            if explainer is not None:
+                explainer.finish(trial, complete=False)
             raise optuna.TrialPruned(f"diverged: {e}") from None
+        except optuna.TrialPruned:
+            if explainer is not None:  # still RUNNING here: the dashboard takes uploads only until the trial ends
+                explainer.finish(trial, complete=False)
+            raise
         finally:
             # Reached on every ending but a killed process: only a dead worker's checkpoint is kept, for its retry.
             if checkpoint is not None:
                 checkpoint.unlink(missing_ok=True)
+        if explainer is not None:
+            explainer.finish(trial, complete=True)
         return result.best_val_accuracy
 
     return objective

@@ -293,6 +293,37 @@ def export(
 
 
 @app.command()
+def report(
+    names: list[str] = typer.Argument(..., help="Study names (several on one dataset: strategy-vs-cost view)."),
+    out: Path = typer.Option(..., "--out", help="Folder for index.html, summary.md and the PNG figures."),
+    storage: str | None = StorageOpt,
+) -> None:
+    """Write a report: self-contained index.html (plotly), PNG figures and summary.md; print the summary table."""
+    from hpsearch.report import strategy_table, write_report
+
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"NAME: {duplicates[0]!r} is given twice; name each study once")
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out: {str(out)!r} is a file; give a folder (created when missing)")
+    rdb = open_storage(storage, create=False)
+    studies = [load_existing(rdb, n) for n in names]
+    try:
+        written = write_report(studies, out)
+    except OSError as e:
+        raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
+    head, rows = strategy_table(written.rows)
+    table = Table(*head, title="summary", title_justify="left")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for line in written.missing:
+        console.print(f"not drawn: {line}", soft_wrap=True)
+    console.print(f"wrote {out / 'index.html'}, {out / 'summary.md'} and {len(written.pngs)} PNG figures",
+                  soft_wrap=True)
+
+
+@app.command()
 def delete(
     name: str = typer.Argument(..., help="Study name."),
     storage: str | None = StorageOpt,

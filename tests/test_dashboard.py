@@ -93,9 +93,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             try:
                 _get(url + "/api/meta")
                 break
-            except OSError:
+            except OSError as e:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"dashboard did not start: {head} {proc.stderr and proc.stderr.read()}")
+                    raise AssertionError(f"dashboard did not start: {head} {proc.stderr and proc.stderr.read()}") from e
                 time.sleep(0.2)
         summaries = _json(url + "/api/studies")["study_summaries"]
         study_id = next(s["study_id"] for s in summaries if s["study_name"] == "tiny-dash")

@@ -334,7 +334,12 @@ def _build(studies: list[optuna.Study], out: Path) -> Report:
         parts.append(f"<h3>top {TOP} trials</h3>" + _html_table(head, rows))
         md += [f"### Top {TOP} trials", "", _md_table(head, rows), ""]
         for fig_id, title, pf, mf in _figures(s):
-            h, m = add(fig_id, title, pf, mf)
+            if not top_trials(s, 1):  # Optuna would draw empty axes, with a logged warning each
+                report.missing.append(f"{fig_id}: no complete trials")
+                h = f'<p class="missing">{html.escape(title)}: no complete trials</p>'
+                m = f"*{title}: no complete trials*"
+            else:
+                h, m = add(fig_id, title, pf, mf)
             parts.append(h)
             md += [f"### {title}", "", m, ""]
         sections.append("".join(parts))

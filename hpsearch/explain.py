@@ -50,7 +50,7 @@ class ModelSummary:
     macs: int  # multiply-accumulates per image, convolutions and linear layers
 
 
-def summarize(model: nn.Module, *, channels: int, size: int) -> ModelSummary:
+def summarize(model: nn.Module, *, channels: int, size: int | tuple[int, int]) -> ModelSummary:
     """Layer table and MACs of ``model`` from one batch-1 forward pass on the CPU with hooks on its leaf modules.
 
     Runs before training (the model is still on the CPU then), in eval mode, under inference_mode."""
@@ -80,7 +80,8 @@ def summarize(model: nn.Module, *, channels: int, size: int) -> ModelSummary:
         model.eval()
         with torch.inference_mode():
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            model(torch.zeros(1, channels, size, size, device=device))
+            h, w = (size, size) if isinstance(size, int) else size
+            model(torch.zeros(1, channels, h, w, device=device))
     finally:
         for h in hooks:
             h.remove()
@@ -140,8 +141,8 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape) or "-"
 
 
-def trial_note(*, number: int, summary: ModelSummary, result: FitResult, device: str, complete: bool,
-               images: dict[str, str]) -> str:
+def trial_note(*, number: int, summary: ModelSummary | None, result: FitResult, device: str, complete: bool,
+               images: dict[str, str], summary_error: str = "") -> str:
     """The trial's Markdown note; ``images`` maps a caption to the artifact's dashboard URL path."""
     spe = sum(result.seconds_per_epoch) / len(result.seconds_per_epoch) if result.seconds_per_epoch else 0.0
     state = "complete" if complete else f"pruned after {len(result.val_accuracy)} epochs"
@@ -149,13 +150,17 @@ def trial_note(*, number: int, summary: ModelSummary, result: FitResult, device:
         f"## Trial {number} ({state})",
         "",
         f"- best val accuracy **{result.best_val_accuracy:.4f}** at epoch {result.best_epoch + 1}",
-        f"- parameters: {summary.total_params:,} ({summary.trainable_params:,} trainable)",
-        f"- MACs per image: {summary.macs:,} (conv + linear)",
-        f"- seconds per epoch: {spe:.2f} on `{device}`",
-        "",
     ]
+    if summary is not None:
+        lines += [f"- parameters: {summary.total_params:,} ({summary.trainable_params:,} trainable)",
+                  f"- MACs per image: {summary.macs:,} (conv + linear)"]
+    else:
+        lines.append(f"- no layer table: {summary_error}")
+    lines += [f"- seconds per epoch: {spe:.2f} on `{device}`", ""]
     for caption, url in images.items():
         lines += [f"![{caption}]({url})", ""]
+    if summary is None:
+        return "\n".join(lines) + "\n"
     lines += ["| layer | type | output shape | params | trainable |", "|---|---|---|---:|---|"]
     for r in summary.layers:
         state_ = ("trainable" if r.trainable else "frozen") if r.params else "-"
@@ -168,8 +173,14 @@ class TrialExplainer:
 
     def __init__(self, store: ArtifactStore, built: Built, info: DataInfo, *, device: torch.device) -> None:
         self.store, self.info, self.device = store, info, device
-        self.summary = summarize(built.model, channels=info.channels, size=built.input_size or info.height)
         self.result: FitResult | None = None
+        size = built.input_size or (info.height, info.width)
+        self.summary: ModelSummary | None = None
+        self.summary_error = ""
+        try:
+            self.summary = summarize(built.model, channels=info.channels, size=size)
+        except Exception as e:  # a model the hooks cannot follow still trains; its note says why it has no table
+            self.summary_error = f"{type(e).__name__}: {e}"
 
     def observe(self, result: FitResult) -> None:
         self.result = result
@@ -203,7 +214,8 @@ class TrialExplainer:
                                               mimetype="image/png")
                 images[caption] = get_artifact_path(trial, artifact_id)
         save_note(trial, trial_note(number=trial.number, summary=self.summary, result=result,
-                                    device=str(self.device), complete=complete, images=images))
+                                    device=str(self.device), complete=complete, images=images,
+                                    summary_error=self.summary_error))
 
 
 def study_note(spec: StudySpec, *, artifacts: str | None) -> str:

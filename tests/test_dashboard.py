@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from hpsearch import cli
 from hpsearch.dashboard import ARTIFACTS_ATTR, StudiesArtifactStore
-from hpsearch.explain import summarize
+from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.launch import Slot, worker_command
 from hpsearch.train import evaluate
 from tests.conftest import spawn_cli, study_text
@@ -183,6 +183,35 @@ def test_summarize_counts_params_macs_and_frozen_layers() -> None:
     assert s.macs == 4 * 8 * 8 * 9 + 64 * 10
     assert (s.total_params, s.trainable_params) == (690, 650)
     assert model.training  # left as found
+
+
+class _NoBatchOfOne(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 1:
+            raise RuntimeError("needs a batch")
+        return x.flatten(1)
+
+
+def test_explainer_survives_a_model_it_cannot_summarize(tmp_path: Path) -> None:
+    from optuna_dashboard import get_note
+
+    from hpsearch.artifacts import open_artifact_store
+    from hpsearch.data import DataInfo
+    from hpsearch.train import Built, FitResult
+
+    info = DataInfo(name="x", channels=1, height=2, width=2, num_classes=4, mean=(0.5,), std=(0.5,), flip=False,
+                    classes=("a", "b", "c", "d"))
+    explainer = TrialExplainer(open_artifact_store(tmp_path / "store"), Built(model=_NoBatchOfOne(), param_groups=[]),
+                               info, device=torch.device("cpu"))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", direction="maximize")
+    trial = study.ask()
+    explainer.observe(FitResult(best_val_accuracy=0.5, best_epoch=0, train_loss=[1.0], val_accuracy=[0.5],
+                                seconds_per_epoch=[0.1], confusion=[[1, 0, 0, 0]] * 4))
+    explainer.finish(trial, complete=True)
+    note = get_note(trial)
+    assert "- no layer table: RuntimeError: needs a batch" in note
+    assert NOTE_HEADER not in note
+    assert len(os.listdir(tmp_path / "store")) == 2  # the curve and the confusion matrix
 
 
 def test_evaluate_fills_the_confusion_counts() -> None:

@@ -168,6 +168,9 @@ def _cost_plotly(curves: dict[str, list[CostPoint]], dataset: str) -> Any:
                                      name=f"{name} (test)", line={"shape": "hv", "dash": "dash"}))
     fig.update_layout(title=f"Strategy vs cost on {dataset}: best accuracy so far",
                       xaxis_title="cumulative training seconds", yaxis_title="accuracy")
+    values = [v for ps in curves.values() for p in ps for v in (p.best_val, p.test) if v is not None]
+    if values:  # plotly would centre a flat line in 0..2; accuracies live in 0..1
+        fig.update_yaxes(range=[max(0.0, min(values) - 0.05), min(1.0, max(values)) + 0.02])
     return fig
 
 

@@ -4,7 +4,7 @@
 
 Per trial: the layer table / MAC count (one batch-1 forward with hooks), two matplotlib PNGs, two artifact uploads
 to a FileSystemArtifactStore and one note in an SQLite storage. Per epoch: the confusion counts inside evaluation
-(a bincount per batch, on the device). The epoch is the report's base CNN through ``hpsearch.train.fit`` on
+(a scatter_add_ per batch, on the device). The epoch is the report's base CNN through ``hpsearch.train.fit`` on
 45,000 random uint8 CIFAR-shaped training images with a 5,000-image validation split (what val_fraction = 0.1
 leaves); content does not change the time. With --train N < 45,000 (a busy machine) the epoch is measured on N
 training images and its training part scaled to 45,000, linearly (fixed batch size). Times are minima over

@@ -163,7 +163,9 @@ def evaluate(model: nn.Module, split: Split, prep: Callable[[torch.Tensor], torc
             pred, y = logits.argmax(1), split.y[i : i + EVAL_BATCH]
             correct += (pred == y).sum()
             if confusion is not None:
-                confusion += torch.bincount(y * classes + pred, minlength=classes * classes)
+                # scatter_add_, not bincount: CUDA's bincount reads the input's max on the host (a sync per batch).
+                pairs = y * classes + pred
+                confusion.scatter_add_(0, pairs, torch.ones_like(pairs))
     return correct.item() / len(split)  # the one host sync of an evaluation
 
 

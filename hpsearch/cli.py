@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from hpsearch import artifacts, signals
+from hpsearch import artifacts, results, signals
 from hpsearch import data as datasets
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
@@ -68,6 +68,8 @@ ArtifactsOpt = typer.Option(None, "--artifacts", envvar="HPSEARCH_ARTIFACTS", sh
 KeepCheckpointsOpt = typer.Option(0, "--keep-checkpoints", min=0, envvar="HPSEARCH_KEEP_CHECKPOINTS",
                                   help="Keep the checkpoints of the K best complete trials (0: delete each once "
                                        "its trial has finished).")
+NoArtifactsOpt = typer.Option(False, "--no-artifacts",
+                              help="No per-trial PNGs and notes for optuna-dashboard (see benchmarks/README.md).")
 
 
 def main() -> None:
@@ -95,6 +97,7 @@ def run(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    no_artifacts: bool = NoArtifactsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
     artifacts_location: str | None = ArtifactsOpt,
     keep_checkpoints: int = KeepCheckpointsOpt,
@@ -103,7 +106,8 @@ def run(
     spec = load_spec(study_file)
     with signals.sigterm_ends_trial(_say_terminated):
         _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
-             compile=compile, artifacts_location=artifacts_location, keep_checkpoints=keep_checkpoints)
+             compile=compile, artifacts_location=artifacts_location, keep_checkpoints=keep_checkpoints,
+             no_artifacts=no_artifacts)
 
 
 @app.command()
@@ -118,6 +122,7 @@ def worker(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    no_artifacts: bool = NoArtifactsOpt,
     summary: bool = typer.Option(True, "--summary/--no-summary", hidden=True,
                                  help="End with the study's summary table (--workers' children do not)."),
     artifacts_location: str | None = ArtifactsOpt,
@@ -128,7 +133,7 @@ def worker(
     with signals.sigterm_ends_trial(_say_terminated):
         _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
              compile=compile, summary=summary, artifacts_location=artifacts_location,
-             keep_checkpoints=keep_checkpoints)
+             keep_checkpoints=keep_checkpoints, no_artifacts=no_artifacts)
 
 
 def _say_terminated(text: str) -> None:
@@ -138,7 +143,7 @@ def _say_terminated(text: str) -> None:
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
          compile: bool = False, summary: bool = True, artifacts_location: str | None = None,
-         keep_checkpoints: int = 0) -> None:
+         keep_checkpoints: int = 0, no_artifacts: bool = False) -> None:
     if artifacts_location is not None:
         artifacts.normalize_location(artifacts_location)  # a bad value fails before any work (exit 2)
     device = resolve_device(device_name)
@@ -165,7 +170,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                                                                  artifacts.default_location(cache)))
         os.environ["HPSEARCH_KEEP_CHECKPOINTS"] = str(keep_checkpoints)  # the workers inherit it
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
-                      data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file)
+                      data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file,
+                      no_artifacts=no_artifacts)
         console.print(summary_table(study))
         if code:
             raise SystemExit(code)
@@ -181,6 +187,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     store = artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
                                                                      artifacts.default_location(cache)))
     finished = count_finished(study)
+    _save_study_note(study, spec, explain=not no_artifacts)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
                   f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
@@ -188,7 +195,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     started = time.monotonic()
     with RunDisplay(console, study, target) as display:
         objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store,
-                                   dead=dead)
+                                   dead=dead, explain=not no_artifacts)
         cleanup = artifacts.checkpoints_after_trial(store, keep_best=keep_checkpoints)
 
         def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -213,6 +220,13 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         raise HpsearchError(outcome.fatal)
     if outcome.error is not None:
         raise HpsearchError(f"every trial of this run failed; last error: {outcome.error}")
+
+
+def _save_study_note(study: optuna.Study, spec: StudySpec, *, explain: bool) -> None:
+    """The study's note for optuna-dashboard: its study file, strategy, dataset (and artifact store, if used)."""
+    from hpsearch.explain import save_study_note
+
+    save_study_note(study, spec, artifacts=study.user_attrs.get(artifacts.ARTIFACTS_ATTR) if explain else None)
 
 
 def _storage_error(error: BaseException, retry_in: float) -> None:
@@ -361,22 +375,8 @@ def _trial_row(t: optuna.trial.FrozenTrial, tested: dict[int, Any] | None = None
                  or t.user_attrs.get("error")),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-        **_test_columns((tested or {}).get(t.number)),
+        **results.test_columns((tested or {}).get(t.number)),
     }
-
-
-def _test_columns(record: Any) -> dict[str, Any]:
-    """`hpsearch evaluate`'s results for a trial (stored on the study: Optuna does not let a finished trial change)."""
-    if not record or not record.get("runs"):
-        return {"test_accuracy_mean": None, "test_accuracy_std": None, "test_accuracies": None, "test_epochs": None}
-    return {"test_accuracy_mean": record["mean"], "test_accuracy_std": record["std"],
-            "test_accuracies": [r["test_accuracy"] for r in record["runs"]], "test_epochs": record["epochs"]}
-
-
-def _tested(study: optuna.Study) -> dict[int, Any]:
-    prefix = "evaluate:"  # hpsearch.evaluate.ATTR_PREFIX, not imported: that module needs torch
-    return {int(k[len(prefix):]): v for k, v in study.user_attrs.items()
-            if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
 @app.command()
@@ -390,7 +390,7 @@ def show(
     study = load_existing(open_storage(storage, create=False), name)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: (-(t.value or 0.0), t.number))
-    tested = _tested(study)
+    tested = results.stored(study)
     ranked = [_trial_row(t, tested) for t in complete[:top]]
     if as_json:
         counts = {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
@@ -421,7 +421,7 @@ def export(
     if out.suffix.lower() not in (".csv", ".json"):
         raise SpecError(f"--out: {str(out)!r} must end in .csv or .json")
     study = load_existing(open_storage(storage, create=False), name)
-    tested = _tested(study)
+    tested = results.stored(study)
     rows = [_trial_row(t, tested) for t in study.get_trials(deepcopy=False)]
     if out.suffix.lower() == ".json":
         text = json.dumps(rows, indent=2)
@@ -441,6 +441,37 @@ def export(
     except OSError as e:
         raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
     console.print(f"wrote {len(rows)} trials of study {name!r} to {out}")
+
+
+@app.command()
+def report(
+    names: list[str] = typer.Argument(..., help="Study names (several on one dataset: strategy-vs-cost view)."),
+    out: Path = typer.Option(..., "--out", help="Folder for index.html, summary.md and the PNG figures."),
+    storage: str | None = StorageOpt,
+) -> None:
+    """Write a report: self-contained index.html (plotly), PNG figures and summary.md; print the summary table."""
+    from hpsearch.report import strategy_table, write_report
+
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"NAME: {duplicates[0]!r} is given twice; name each study once")
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out: {str(out)!r} is a file; give a folder (created when missing)")
+    rdb = open_storage(storage, create=False)
+    studies = [load_existing(rdb, n) for n in names]
+    try:
+        written = write_report(studies, out)
+    except OSError as e:
+        raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
+    head, rows = strategy_table(written.rows)
+    table = Table(*head, title="summary", title_justify="left")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for line in written.missing:
+        console.print(f"not drawn: {line}", soft_wrap=True)
+    console.print(f"wrote {out / 'index.html'}, {out / 'summary.md'} and {len(written.pngs)} PNG figures",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -472,14 +503,22 @@ def dashboard(
     storage: str | None = StorageOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", min=1, max=65535, help="Port to listen on."),
+    cache_dir: Path | None = CacheDirOpt,
+    artifacts_location: str | None = ArtifactsOpt,
 ) -> None:
-    """Browse the studies in optuna-dashboard (blocks; Ctrl-C stops it)."""
+    """Browse the studies in optuna-dashboard, with each trial's curves, confusion matrix and note (blocks; Ctrl-C
+    stops it)."""
     import optuna_dashboard
 
+    from hpsearch.dashboard import dashboard_artifact_store
+
     rdb = open_storage(storage, create=False)
-    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)")
+    store, locations = dashboard_artifact_store(
+        rdb, given=artifacts_location, default_location=(cache_dir or datasets.default_cache_dir()) / "artifacts")
+    console.print(f"artifacts from {', '.join(locations)}", soft_wrap=True)
+    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)", soft_wrap=True)
     try:
-        optuna_dashboard.run_server(rdb, host=host, port=port)
+        optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=store)
     except OSError as e:
         raise HpsearchError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
     except KeyboardInterrupt:

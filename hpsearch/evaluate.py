@@ -31,13 +31,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch._errors import HpsearchError, SpecError
 from hpsearch.data import DataInfo, Final, load_final
+from hpsearch.results import attr_key, stored
 from hpsearch.space import Fixed, Space
 from hpsearch.spec import StudySpec, spec_from_dict
 from hpsearch.strategies import STRATEGIES
 from hpsearch.train import BatchPrep, Diverged, FitResult, fit
 from hpsearch.train import evaluate as accuracy_on
 
-ATTR_PREFIX = "evaluate:"
 EPOCH_MODES = ("best", "max")
 MODEL_FORMAT = 1
 
@@ -45,24 +45,12 @@ MODEL_FORMAT = 1
 Progress = Callable[[int, int, int, float], None]
 
 
-def attr_key(trial_number: int) -> str:
-    return f"{ATTR_PREFIX}{trial_number}"
-
 
 def eval_seed(study_seed: int, trial_number: int, index: int) -> int:
     """Seed of evaluation run ``index`` of a trial: derived from the study seed, distinct from the search's
     per-trial seeds (a hash, so neighbouring trials or seeds never share a stream)."""
     digest = hashlib.sha256(f"hpsearch-evaluate/{study_seed}/{trial_number}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 2**63
-
-
-def stored(study: optuna.Study) -> dict[int, dict[str, Any]]:
-    """Evaluation results stored on the study, by trial number."""
-    out = {}
-    for key, value in study.user_attrs.items():
-        if key.startswith(ATTR_PREFIX) and key[len(ATTR_PREFIX):].isdigit():
-            out[int(key[len(ATTR_PREFIX):])] = value
-    return out
 
 
 @dataclass(frozen=True)

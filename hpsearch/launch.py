@@ -65,7 +65,8 @@ def local_plan(workers: int, device: torch.device) -> list[Slot]:
 
 
 def worker_command(study: str, slot: Slot, *, storage: str, n_trials: int | None, timeout: float | None,
-                   data_dir: Path | None, cache_dir: Path | None, compile: bool) -> list[str]:
+                   data_dir: Path | None, cache_dir: Path | None, compile: bool,
+                   no_artifacts: bool = False) -> list[str]:
     """The ``hpsearch worker`` command line of one slot."""
     # --no-summary: the launching command prints the one summary table once every worker has ended.
     cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--no-summary", "--storage", storage,
@@ -80,17 +81,19 @@ def worker_command(study: str, slot: Slot, *, storage: str, n_trials: int | None
         cmd += ["--cache-dir", str(cache_dir)]
     if compile:
         cmd.append("--compile")
+    if no_artifacts:
+        cmd.append("--no-artifacts")
     return cmd
 
 
 def launch(study: str, workers: int, device: torch.device, *, storage: str, n_trials: int | None,
            timeout: float | None, data_dir: Path | None, cache_dir: Path | None, compile: bool,
-           out: IO[str] | None = None) -> int:
+           out: IO[str] | None = None, no_artifacts: bool = False) -> int:
     """Runs ``workers`` ``hpsearch worker`` processes on ``study`` (which must exist) until they end; returns
     the exit code for the command that launched them."""
     slots = local_plan(workers, device)
     commands = [worker_command(study, slot, storage=storage, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
-                               cache_dir=cache_dir, compile=compile) for slot in slots]
+                               cache_dir=cache_dir, compile=compile, no_artifacts=no_artifacts) for slot in slots]
     return run_workers(commands, slots, out=out)
 
 

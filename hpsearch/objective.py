@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from hpsearch import artifacts, signals
 from hpsearch._errors import HpsearchError
 from hpsearch.data import Data, Split
+from hpsearch.explain import TrialExplainer
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
@@ -55,8 +56,10 @@ def make_objective(
     progress: Progress | None = None,
     compile: bool = False,
     dead: DeadTrialRule | None = None,
+    explain: bool = False,
 ) -> Callable[[optuna.Trial], float]:
-    """``dead``: the study's dead-trial rule (its pruner applies it; the objective stores the reason)."""
+    """``dead``: the study's dead-trial rule (its pruner applies it; the objective stores the reason). With
+    ``explain`` (and a ``store``), each trial that ran an epoch gets its PNGs and note (hpsearch.explain)."""
     strategy = STRATEGIES[spec.strategy]
 
     def objective(trial: optuna.Trial) -> float:
@@ -93,6 +96,7 @@ def make_objective(
         trial.set_user_attr("trainable_param_count",
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
         trial.set_user_attr("device", str(device))
+        explainer = TrialExplainer(store, built, data.info, device=device) if explain and store is not None else None
 
         # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
         # retry writes there too). A fresh trial never loads a file, whatever lies in the store.
@@ -112,6 +116,8 @@ def make_objective(
 
         def on_epoch(epoch: int, result: FitResult) -> None:
             value = result.val_accuracy[-1]
+            if explainer is not None:
+                explainer.observe(result)
             trial.report(value, epoch)
             trial.set_user_attr("train_loss", result.train_loss)
             trial.set_user_attr("val_accuracy", result.val_accuracy)
@@ -136,7 +142,15 @@ def make_objective(
                          on_checkpoint=None if store is None else on_checkpoint, compile=compile)
         except Diverged as e:
             trial.set_user_attr("diverged", str(e))
+            if explainer is not None:
+                explainer.finish(trial, complete=False)
             raise optuna.TrialPruned(f"diverged: {e}") from None
+        except optuna.TrialPruned:
+            if explainer is not None:  # still RUNNING here: the dashboard takes uploads only until the trial ends
+                explainer.finish(trial, complete=False)
+            raise
+        if explainer is not None:
+            explainer.finish(trial, complete=True)
         return result.best_val_accuracy
 
     return objective

@@ -72,6 +72,7 @@ class FitResult:
     train_loss: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     seconds_per_epoch: list[float] = field(default_factory=list)
+    confusion: list[list[int]] | None = None  # validation counts [true][predicted] at the best epoch
 
 
 class Diverged(Exception):
@@ -147,14 +148,24 @@ class BatchPrep:
 
 
 def evaluate(model: nn.Module, split: Split, prep: Callable[[torch.Tensor], torch.Tensor],
-             device: torch.device) -> float:
+             device: torch.device, *, confusion: torch.Tensor | None = None) -> float:
+    """Accuracy on ``split``; with ``confusion`` (int64 [C*C] on ``device``), also fills it with the counts of
+    (true, predicted) pairs, on the device: no extra host sync."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    if confusion is not None:
+        confusion.zero_()
+        classes = math.isqrt(confusion.numel())
     dtype = autocast_dtype(device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for i in range(0, len(split), EVAL_BATCH):
             logits = model(prep(split.x[i : i + EVAL_BATCH]))
-            correct += (logits.argmax(1) == split.y[i : i + EVAL_BATCH]).sum()
+            pred, y = logits.argmax(1), split.y[i : i + EVAL_BATCH]
+            correct += (pred == y).sum()
+            if confusion is not None:
+                # scatter_add_, not bincount: CUDA's bincount reads the input's max on the host (a sync per batch).
+                pairs = y * classes + pred
+                confusion.scatter_add_(0, pairs, torch.ones_like(pairs))
     return correct.item() / len(split)  # the one host sync of an evaluation
 
 
@@ -212,6 +223,8 @@ def fit(
     # A compiled module wraps ``model``: checkpoints keep saving ``model``'s plain state_dict keys.
     forward = cast(nn.Module, torch.compile(model)) if compile else model
 
+    classes = data.info.num_classes
+    confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     n = len(data.train)
     bs = min(config.batch_size, n)
     steps = n // bs  # the remainder is dropped (a different one each epoch): no 1-sample BatchNorm batches
@@ -233,7 +246,7 @@ def fit(
         train_loss = loss_sum.item() / steps  # host sync, once per epoch
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss is {train_loss} at epoch {epoch}")
-        val_acc = evaluate(forward, data.val, prep, device)
+        val_acc = evaluate(forward, data.val, prep, device, confusion=confusion)
         if scheduler is not None:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val_acc)
@@ -244,6 +257,7 @@ def fit(
         result.seconds_per_epoch.append(time.perf_counter() - t0)
         if val_acc > result.best_val_accuracy or result.best_epoch < 0:
             result.best_val_accuracy, result.best_epoch = val_acc, epoch
+            result.confusion = confusion.view(classes, classes).tolist()  # a host sync, on a new best epoch only
         if on_epoch is not None:
             on_epoch(epoch, result)
         if on_checkpoint is not None:

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from hpsearch._errors import HpsearchError, SpecError
-from hpsearch.spec import StudySpec, load_spec
+
+if TYPE_CHECKING:
+    from hpsearch.spec import StudySpec, load_spec
 
 __version__ = "0.1.0"
 __all__ = ["HpsearchError", "SpecError", "StudySpec", "load_spec", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: the spec imports the strategies and with them torch (seconds), which `hpsearch --help`,
+    # `studies`, `show` and `export` never need.
+    if name in ("StudySpec", "load_spec"):
+        from hpsearch import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module 'hpsearch' has no attribute {name!r}")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 import typer
@@ -20,13 +21,9 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from hpsearch import data as datasets
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch.devices import configure_threads, resolve_device
-from hpsearch.launch import launch
-from hpsearch.objective import checkpoint_dir, make_objective
-from hpsearch.spec import StudySpec, load_spec
+from hpsearch._paths import checkpoint_dir, default_cache_dir, default_data_dir
 from hpsearch.storage import open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
@@ -38,6 +35,13 @@ from hpsearch.study import (
     open_study,
     run_trials,
 )
+
+if TYPE_CHECKING:
+    from hpsearch.spec import StudySpec
+
+# Modules that import torch (data, devices, launch, objective, spec, strategies, train) are imported inside the
+# commands that train: torch takes seconds to import, and `--help`, `studies`, `show`, `export`, `delete` and
+# `dashboard` never need it.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Optuna hyperparameter search for image-classification CNNs.")
@@ -65,13 +69,66 @@ def main() -> None:
     # Heartbeats, the retry callback and metric names are "experimental" in Optuna 5; hpsearch pins Optuna < 6.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        app()
+        # standalone_mode=False: Click's usage errors reach us instead of being drawn as a multi-line box.
+        code = app(standalone_mode=False)
     except SpecError as e:
-        err_console.print(f"error: {e}", soft_wrap=True)
-        sys.exit(2)
+        _fail(str(e), 2)
     except HpsearchError as e:
-        err_console.print(f"error: {e}", soft_wrap=True)
-        sys.exit(1)
+        _fail(str(e), 1)
+    except _USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `hpsearch`: the help text is the message
+            err_console.print(str(e), soft_wrap=True)
+            sys.exit(2)
+        _fail(usage_message(e), getattr(e, "exit_code", 2))
+    except typer.Abort:  # "no" at a confirmation prompt, or end of input there
+        _fail("aborted", 1)
+    except KeyboardInterrupt:  # outside a trial (the run loop handles its own): nothing was half done
+        _fail("interrupted", 130)
+    if isinstance(code, int) and code:  # typer.Exit(N) in non-standalone mode comes back as a return value
+        sys.exit(code)
+
+
+# Typer >= 0.2x vendors Click, whose exceptions then derive from typer.TyperException; older Typer uses Click.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+try:
+    import click
+
+    _USAGE_ERRORS += (click.ClickException,)
+except ImportError:
+    pass
+
+_INVALID_VALUE = re.compile(r"^Invalid value for (.+?): (.*)$", re.DOTALL)
+
+
+def usage_message(e: Exception, argv: list[str] | None = None) -> str:
+    """Click's message on one line, shaped like hpsearch's own and naming the value given:
+    ``--n-trials 0: input should be greater than or equal to 1``."""
+    format_message = getattr(e, "format_message", None)
+    text = format_message() if callable(format_message) else str(e)
+    match = _INVALID_VALUE.match(text)
+    if match:
+        hint = " / ".join(h.strip("'\"") for h in match.group(1).split(" / "))
+        rule = match.group(2)
+        value = _given(hint, sys.argv[1:] if argv is None else argv)
+        text = f"{hint}{'' if value is None else ' ' + repr(value)}: {rule[:1].lower()}{rule[1:]}"
+    return " ".join(text.split()).removesuffix(".")
+
+
+def _given(hint: str, argv: list[str]) -> str | None:
+    """The value the command line gave option ``hint`` (the last one wins, as in Click), if it is there."""
+    value = None
+    for i, arg in enumerate(argv):
+        for name in hint.split(" / "):
+            if name.startswith("-") and arg == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif name.startswith("--") and arg.startswith(name + "="):
+                value = arg[len(name) + 1 :]
+    return value
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err_console.print(f"error: {message}", soft_wrap=True)
+    sys.exit(code)
 
 
 @app.command()
@@ -89,6 +146,8 @@ def run(
     force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
 ) -> None:
     """Create or resume the study of STUDY_FILE and run trials until it holds n_trials finished trials."""
+    from hpsearch.spec import load_spec
+
     spec = load_spec(study_file)
     _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
          compile=compile)
@@ -118,6 +177,11 @@ def worker(
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
          compile: bool = False, summary: bool = True) -> None:
+    from hpsearch import data as datasets
+    from hpsearch.devices import configure_threads, resolve_device
+    from hpsearch.launch import launch
+    from hpsearch.objective import make_objective
+
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
@@ -131,11 +195,11 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         if summary:
             console.print(summary_table(study))
         return
-    cache = cache_dir or datasets.default_cache_dir()
+    cache = cache_dir or default_cache_dir()
     if workers > 1:
         # Read once here: a bad dataset fails before the study exists, and a folder's decoded cache is written
         # once instead of raced by K workers. Each worker then loads it onto its own device.
-        datasets.read_raw(spec.dataset, data_dir or datasets.default_data_dir(), cache)
+        datasets.read_raw(spec.dataset, data_dir or default_data_dir(), cache)
         study = open_study(spec, rdb, force=force)
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
                       data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file)
@@ -146,7 +210,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if device.type == "cpu":
         configure_threads(threads)
     # Data first: a dataset that cannot be read leaves the database untouched.
-    data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
+    data = datasets.load(spec.dataset, data_dir=data_dir or default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
     study = open_study(spec, rdb, force=force)
@@ -290,7 +354,7 @@ def delete(
             raise SpecError(f"delete {name!r}: confirmation needed; pass --yes to delete without asking")
         typer.confirm(f"Delete study {name!r} and its {n} trials?", abort=True)
     optuna.delete_study(study_name=name, storage=rdb)
-    shutil.rmtree(checkpoint_dir((cache_dir or datasets.default_cache_dir()) / "checkpoints",
+    shutil.rmtree(checkpoint_dir((cache_dir or default_cache_dir()) / "checkpoints",
                                  storage_url(storage), name), ignore_errors=True)
     console.print(f"deleted study {name!r} ({n} trials)")
 

@@ -5,7 +5,6 @@ The test set is never touched here. Everything a trial decided or measured is st
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +13,7 @@ import optuna
 import torch
 
 from hpsearch._errors import HpsearchError
+from hpsearch._paths import checkpoint_dir as checkpoint_dir  # re-exported: its old home
 from hpsearch.data import Data
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
@@ -25,12 +25,6 @@ Progress = Callable[[int, int, int, float], None]
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
     return (study_seed * 1_000_003 + trial_number) % 2**63
-
-
-def checkpoint_dir(root: Path, storage_url: str, study_name: str) -> Path:
-    """One folder per (storage, study): two databases with a study of the same name never share checkpoints."""
-    key = hashlib.sha256(f"{storage_url}\0{study_name}".encode()).hexdigest()[:16]
-    return root / key
 
 
 def make_objective(

@@ -8,14 +8,16 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch.spec import StudySpec, spec_from_dict
+
+if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that only read need neither
+    from hpsearch.spec import StudySpec
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -68,6 +70,8 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
                                   pruner=make_pruner(spec))
         stored = study.user_attrs.get(SPEC_ATTR)
         if stored is not None and not force:
+            from hpsearch.spec import spec_from_dict
+
             old = spec_from_dict(json.loads(stored), where=f"study {spec.name!r}").search_definition()
             new = spec.search_definition()
             if old != new:
@@ -90,6 +94,8 @@ def load_spec_from_study(storage: optuna.storages.BaseStorage, name: str) -> Stu
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         raise HpsearchError(f"study {name!r} was not created by hpsearch (no stored study file)")
+    from hpsearch.spec import spec_from_dict
+
     return spec_from_dict(json.loads(stored), where=f"study {name!r}")
 
 

@@ -238,4 +238,5 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     if "sampled independently" in message or (message.startswith("Trial ") and "failed with value None" in message):
         return False
-    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError))
+    # Ctrl-C: the CLI says in one line that the trial was failed; Optuna's warning would add its traceback.
+    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError | KeyboardInterrupt))

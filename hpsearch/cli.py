@@ -24,7 +24,8 @@ from rich.table import Table
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import checkpoint_dir, default_cache_dir, default_data_dir
-from hpsearch.storage import open_storage, storage_url
+from hpsearch._preflight import check_run_writes, new_sqlite_file
+from hpsearch.storage import heartbeat_settings, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
@@ -85,6 +86,8 @@ def main() -> None:
     except KeyboardInterrupt:  # outside a trial (the run loop handles its own): nothing was half done
         _fail("interrupted", 130)
     if isinstance(code, int) and code:  # typer.Exit(N) in non-standalone mode comes back as a return value
+        if code == 130:  # Click turned a Ctrl-C outside a trial into Exit(130)
+            err_console.print("interrupted")
         sys.exit(code)
 
 
@@ -184,10 +187,15 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = open_storage(storage)
+    heartbeat_settings()  # a bad HPSEARCH_*_SECONDS is bad input, reported before anything is read or written
+    cache = cache_dir or default_cache_dir()
+    check_run_writes(storage=storage_url(storage), cache=cache,
+                     checkpoints=checkpoint_dir(cache / "checkpoints", storage_url(storage), spec.name))
+    # A new SQLite file is made only once the data has been read: a run that fails on its data leaves none behind.
+    rdb = None if new_sqlite_file(storage_url(storage)) else open_storage(storage)
     target = n_trials or spec.n_trials
-    finished = finished_if_exists(rdb, spec.name)
-    if target is not None and finished is not None and finished >= target:
+    finished = None if rdb is None else finished_if_exists(rdb, spec.name)
+    if rdb is not None and target is not None and finished is not None and finished >= target:
         study = open_study(spec, rdb, force=force)  # still refuses a changed study file
         fail_stale(study)
         console.print(f"study {spec.name!r} already holds {finished} finished trials (target {target}); "
@@ -195,12 +203,11 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         if summary:
             console.print(summary_table(study))
         return
-    cache = cache_dir or default_cache_dir()
     if workers > 1:
         # Read once here: a bad dataset fails before the study exists, and a folder's decoded cache is written
         # once instead of raced by K workers. Each worker then loads it onto its own device.
         datasets.read_raw(spec.dataset, data_dir or default_data_dir(), cache)
-        study = open_study(spec, rdb, force=force)
+        study = open_study(spec, rdb or open_storage(storage), force=force)
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
                       data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file)
         console.print(summary_table(study))
@@ -213,7 +220,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     data = datasets.load(spec.dataset, data_dir=data_dir or default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
-    study = open_study(spec, rdb, force=force)
+    study = open_study(spec, rdb or open_storage(storage), force=force)
     finished = count_finished(study)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
@@ -329,12 +336,16 @@ def export(
         for r in rows:
             writer.writerow([r[f] for f in fields] + [r["params"].get(p, "") for p in params])
         text = buf.getvalue()
+    if out.is_dir():
+        raise SpecError(f"--out: {str(out)!r} is a directory; give a file name ending in .csv or .json")
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out)  # never a half-written export
     except OSError as e:
         raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failure: after the replace it is gone
     console.print(f"wrote {len(rows)} trials of study {name!r} to {out}")
 
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpsearch._errors import HpsearchError, SpecError
-from hpsearch.spec import StudySpec, load_spec
+
+if TYPE_CHECKING:
+    from hpsearch.spec import StudySpec, load_spec
 
 __version__ = "0.1.0"
 __all__ = ["HpsearchError", "SpecError", "StudySpec", "load_model", "load_spec", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # load_model needs torch: imported on first use, so ``import hpsearch`` stays light.
+    # Loaded on first use: the spec imports the strategies and with them torch (seconds), and load_model needs
+    # torch too; `hpsearch --help`, `studies`, `show` and `export` need neither.
+    if name in ("StudySpec", "load_spec"):
+        from hpsearch import spec
+
+        return getattr(spec, name)
     if name == "load_model":
         from hpsearch.evaluate import load_model
 

@@ -9,11 +9,12 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 import typer
@@ -22,14 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from hpsearch import artifacts, results, signals
-from hpsearch import data as datasets
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch.devices import configure_threads, resolve_device
-from hpsearch.launch import launch
-from hpsearch.objective import chance_accuracy, make_objective
-from hpsearch.spec import StudySpec, load_spec
-from hpsearch.storage import MAX_RETRY, open_storage, storage_url
+from hpsearch._paths import default_cache_dir, default_data_dir
+from hpsearch._preflight import check_run_writes, new_sqlite_file
+from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
@@ -41,6 +39,13 @@ from hpsearch.study import (
     open_study,
     run_trials,
 )
+
+if TYPE_CHECKING:
+    from hpsearch.spec import StudySpec
+
+# Modules that import torch (data, devices, launch, objective, spec, strategies, train) are imported inside the
+# commands that train: torch takes seconds to import, and `--help`, `studies`, `show`, `export`, `delete` and
+# `dashboard` never need it.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Optuna hyperparameter search for image-classification CNNs.")
@@ -76,13 +81,68 @@ def main() -> None:
     # Heartbeats, the retry callback and metric names are "experimental" in Optuna 5; hpsearch pins Optuna < 6.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        app()
+        # standalone_mode=False: Click's usage errors reach us instead of being drawn as a multi-line box.
+        code = app(standalone_mode=False)
     except SpecError as e:
-        err_console.print(f"error: {e}", soft_wrap=True)
-        sys.exit(2)
+        _fail(str(e), 2)
     except HpsearchError as e:
-        err_console.print(f"error: {e}", soft_wrap=True)
-        sys.exit(1)
+        _fail(str(e), 1)
+    except _USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `hpsearch`: the help text is the message
+            err_console.print(str(e), soft_wrap=True)
+            sys.exit(2)
+        _fail(usage_message(e), getattr(e, "exit_code", 2))
+    except typer.Abort:  # "no" at a confirmation prompt, or end of input there
+        _fail("aborted", 1)
+    except KeyboardInterrupt:  # outside a trial (the run loop handles its own): nothing was half done
+        _fail("interrupted", 130)
+    if isinstance(code, int) and code:  # typer.Exit(N) in non-standalone mode comes back as a return value
+        if code == 130:  # Click turned a Ctrl-C outside a trial into Exit(130)
+            err_console.print("interrupted")
+        sys.exit(code)
+
+
+# Typer >= 0.2x vendors Click, whose exceptions then derive from typer.TyperException; older Typer uses Click.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+try:
+    import click
+
+    _USAGE_ERRORS += (click.ClickException,)
+except ImportError:
+    pass
+
+_INVALID_VALUE = re.compile(r"^Invalid value for (.+?): (.*)$", re.DOTALL)
+
+
+def usage_message(e: Exception, argv: list[str] | None = None) -> str:
+    """Click's message on one line, shaped like hpsearch's own and naming the value given:
+    ``--n-trials 0: input should be greater than or equal to 1``."""
+    format_message = getattr(e, "format_message", None)
+    text = format_message() if callable(format_message) else str(e)
+    match = _INVALID_VALUE.match(text)
+    if match:
+        hint = " / ".join(h.strip("'\"") for h in match.group(1).split(" / "))
+        rule = match.group(2)
+        value = _given(hint, sys.argv[1:] if argv is None else argv)
+        text = f"{hint}{'' if value is None else ' ' + repr(value)}: {rule[:1].lower()}{rule[1:]}"
+    return " ".join(text.split()).removesuffix(".")
+
+
+def _given(hint: str, argv: list[str]) -> str | None:
+    """The value the command line gave option ``hint`` (the last one wins, as in Click), if it is there."""
+    value = None
+    for i, arg in enumerate(argv):
+        for name in hint.split(" / "):
+            if name.startswith("-") and arg == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif name.startswith("--") and arg.startswith(name + "="):
+                value = arg[len(name) + 1 :]
+    return value
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err_console.print(f"error: {message}", soft_wrap=True)
+    sys.exit(code)
 
 
 @app.command()
@@ -103,6 +163,8 @@ def run(
     keep_checkpoints: int = KeepCheckpointsOpt,
 ) -> None:
     """Create or resume the study of STUDY_FILE and run trials until it holds n_trials finished trials."""
+    from hpsearch.spec import load_spec
+
     spec = load_spec(study_file)
     with signals.sigterm_ends_trial(_say_terminated):
         _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
@@ -144,14 +206,24 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
          compile: bool = False, summary: bool = True, artifacts_location: str | None = None,
          keep_checkpoints: int = 0, no_artifacts: bool = False) -> None:
+    from hpsearch import data as datasets
+    from hpsearch.devices import configure_threads, resolve_device
+    from hpsearch.launch import launch
+    from hpsearch.objective import chance_accuracy, make_objective
+
     if artifacts_location is not None:
         artifacts.normalize_location(artifacts_location)  # a bad value fails before any work (exit 2)
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = open_storage(storage)
+    heartbeat_settings()  # a bad HPSEARCH_*_SECONDS is bad input, reported before anything is read or written
+    cache = cache_dir or default_cache_dir()
+    check_run_writes(storage=storage_url(storage), cache=cache,
+                     artifacts=artifacts_location or artifacts.default_location(cache))
+    # A new SQLite file is made only once the data has been read: a run that fails on its data leaves none behind.
+    rdb = None if new_sqlite_file(storage_url(storage)) else open_storage(storage)
     target = n_trials or spec.n_trials
-    finished = finished_if_exists(rdb, spec.name)
-    if target is not None and finished is not None and finished >= target:
+    finished = None if rdb is None else finished_if_exists(rdb, spec.name)
+    if rdb is not None and target is not None and finished is not None and finished >= target:
         study = open_study(spec, rdb, force=force)  # still refuses a changed study file
         fail_stale(study)
         console.print(f"study {spec.name!r} already holds {finished} finished trials (target {target}); "
@@ -159,12 +231,11 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         if summary:
             console.print(summary_table(study))
         return
-    cache = cache_dir or datasets.default_cache_dir()
     if workers > 1:
         # Read once here: a bad dataset fails before the study exists, and a folder's decoded cache is written
         # once instead of raced by K workers. Each worker then loads it onto its own device.
-        datasets.read_raw(spec.dataset, data_dir or datasets.default_data_dir(), cache)
-        study = open_study(spec, rdb, force=force)
+        datasets.read_raw(spec.dataset, data_dir or default_data_dir(), cache)
+        study = open_study(spec, rdb or open_storage(storage), force=force)
         # recorded on the study now, so the workers find it (also checks it before K processes start)
         artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
                                                                  artifacts.default_location(cache)))
@@ -179,11 +250,11 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if device.type == "cpu":
         configure_threads(threads)
     # Data first: a dataset that cannot be read leaves the database untouched.
-    data = datasets.load(spec.dataset, data_dir=data_dir or datasets.default_data_dir(), cache_dir=cache,
+    data = datasets.load(spec.dataset, data_dir=data_dir or default_data_dir(), cache_dir=cache,
                          device=device, val_fraction=spec.val_fraction, train_fraction=spec.train_fraction,
                          seed=spec.seed)
     dead = dead_trial_rule(spec, chance_accuracy(data.val))
-    study = open_study(spec, rdb, force=force, dead=dead)
+    study = open_study(spec, rdb or open_storage(storage), force=force, dead=dead)
     store = artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
                                                                      artifacts.default_location(cache)))
     finished = count_finished(study)
@@ -251,6 +322,7 @@ def evaluate(
     Results are stored on the study (seeds already stored are skipped: a killed evaluate resumes) and shown by
     show and export."""
     from hpsearch import evaluate as final
+    from hpsearch.devices import configure_threads, resolve_device
 
     final.check_options(top=top, seeds=seeds, epochs=epochs)
     rdb = open_storage(storage, create=False)
@@ -265,8 +337,8 @@ def evaluate(
         console.print(f"trial {trial:>4} seed {index + 1}/{total}  test acc {accuracy:.4f}")
 
     rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
-                                data_dir=data_dir or datasets.default_data_dir(),
-                                cache_dir=cache_dir or datasets.default_cache_dir(), device=dev, save_dir=save,
+                                data_dir=data_dir or default_data_dir(),
+                                cache_dir=cache_dir or default_cache_dir(), device=dev, save_dir=save,
                                 progress=progress)
     table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
                   title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
@@ -297,8 +369,11 @@ def reproduce(
     threads: int | None = ThreadsOpt,
 ) -> None:
     """Run a report table, test every row, and print and write it next to the report's numbers."""
+    from hpsearch import data as datasets
     from hpsearch import evaluate as final
     from hpsearch import reproduce as repro
+    from hpsearch.devices import resolve_device
+    from hpsearch.spec import load_spec
 
     final.check_options(top=1, seeds=seeds, epochs="max")
     original = load_spec(study_file)
@@ -306,8 +381,8 @@ def reproduce(
                             weights=weights, backbone=backbone)
     spec = repro.prepare(original, changes)
     target = out or Path(f"reproduce-{spec.name.replace('/', '_').replace(':', '_')}.md")
-    data_dir = data_dir or datasets.default_data_dir()
-    cache = cache_dir or datasets.default_cache_dir()
+    data_dir = data_dir or default_data_dir()
+    cache = cache_dir or default_cache_dir()
     try:
         _run(spec, storage, None, None, data_dir, cache, device, threads, force=False)
     except HpsearchError as e:
@@ -434,12 +509,16 @@ def export(
         for r in rows:
             writer.writerow([r[f] for f in fields] + [r["params"].get(p, "") for p in params])
         text = buf.getvalue()
+    if out.is_dir():
+        raise SpecError(f"--out: {str(out)!r} is a directory; give a file name ending in .csv or .json")
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out)  # never a half-written export
     except OSError as e:
         raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # left only by a failure: after the replace it is gone
     console.print(f"wrote {len(rows)} trials of study {name!r} to {out}")
 
 
@@ -489,7 +568,7 @@ def delete(
         if not sys.stdin.isatty():
             raise SpecError(f"delete {name!r}: confirmation needed; pass --yes to delete without asking")
         typer.confirm(f"Delete study {name!r} and its {n} trials?", abort=True)
-    store = artifacts.study_artifact_store(study, artifacts.default_location(cache_dir or datasets.default_cache_dir()))
+    store = artifacts.study_artifact_store(study, artifacts.default_location(cache_dir or default_cache_dir()))
     checkpoints = {t.user_attrs[artifacts.CHECKPOINT_ATTR] for t in study.get_trials(deepcopy=False)
                    if artifacts.CHECKPOINT_ATTR in t.user_attrs}
     optuna.delete_study(study_name=name, storage=rdb)
@@ -514,7 +593,7 @@ def dashboard(
 
     rdb = open_storage(storage, create=False)
     store, locations = dashboard_artifact_store(
-        rdb, given=artifacts_location, default_location=(cache_dir or datasets.default_cache_dir()) / "artifacts")
+        rdb, given=artifacts_location, default_location=(cache_dir or default_cache_dir()) / "artifacts")
     console.print(f"artifacts from {', '.join(locations)}", soft_wrap=True)
     console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)", soft_wrap=True)
     try:

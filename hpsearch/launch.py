@@ -64,12 +64,12 @@ def local_plan(workers: int, device: torch.device) -> list[Slot]:
     return plan(workers, device, gpus=gpus, cpus=cpus)
 
 
-def worker_command(study: str, slot: Slot, *, storage: str, n_trials: int | None, timeout: float | None,
+def worker_command(study: str, slot: Slot, *, n_trials: int | None, timeout: float | None,
                    data_dir: Path | None, cache_dir: Path | None, compile: bool,
                    no_artifacts: bool = False) -> list[str]:
-    """The ``hpsearch worker`` command line of one slot."""
+    """The ``hpsearch worker`` command line of one slot. The storage URL is not on it: see ``worker_env``."""
     # --no-summary: the launching command prints the one summary table once every worker has ended.
-    cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--no-summary", "--storage", storage,
+    cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--no-summary",
            "--device", slot.device, "--threads", str(slot.threads)]
     if n_trials is not None:
         cmd += ["--n-trials", str(n_trials)]
@@ -86,18 +86,25 @@ def worker_command(study: str, slot: Slot, *, storage: str, n_trials: int | None
     return cmd
 
 
+def worker_env(storage: str) -> dict[str, str]:
+    """The workers' environment: the storage URL (a password, often) goes here, where only this user can read
+    it, and not on the command line, which every local user sees with ``ps``."""
+    return {**os.environ, "HPSEARCH_STORAGE": storage}
+
+
 def launch(study: str, workers: int, device: torch.device, *, storage: str, n_trials: int | None,
            timeout: float | None, data_dir: Path | None, cache_dir: Path | None, compile: bool,
            out: IO[str] | None = None, no_artifacts: bool = False) -> int:
     """Runs ``workers`` ``hpsearch worker`` processes on ``study`` (which must exist) until they end; returns
     the exit code for the command that launched them."""
     slots = local_plan(workers, device)
-    commands = [worker_command(study, slot, storage=storage, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
+    commands = [worker_command(study, slot, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
                                cache_dir=cache_dir, compile=compile, no_artifacts=no_artifacts) for slot in slots]
-    return run_workers(commands, slots, out=out)
+    return run_workers(commands, slots, out=out, env=worker_env(storage))
 
 
-def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO[str] | None = None) -> int:
+def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO[str] | None = None,
+                env: dict[str, str] | None = None) -> int:
     """Starts one process per command (pinned to its slot's cores), relays their output line by line as
     ``[w<i> <device>] line``, and waits for all. Returns 0, 130 if any was interrupted, else the first
     failing worker's exit code; 143 after SIGTERM, which is forwarded to every worker."""
@@ -108,7 +115,7 @@ def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO
     for i, (cmd, slot) in enumerate(zip(commands, slots, strict=True)):
         pin = slot.cpus
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
             # Affinity set in the child before torch starts its thread pool: threads inherit it.
             preexec_fn=(lambda cores=pin: os.sched_setaffinity(0, cores)) if pin else None,
         )

@@ -11,6 +11,7 @@ as ``key_0, key_1, ...`` with the same distribution.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -100,7 +101,10 @@ class Param:
 
 
 def _fmt(value: Any) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else str(value)
+    # json.dumps for strings: a newline or quote in a value must not break the one-line message.
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value).lower() if isinstance(value, bool) else str(value)
 
 
 def parse_dim(param: Param, raw: Any) -> Dim:

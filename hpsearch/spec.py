@@ -119,7 +119,7 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
     strategy = data["strategy"]
-    if strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:  # a list or table is not hashable
         raise fail("strategy", strategy, f"is not known; allowed: {', '.join(STRATEGIES)}")
 
     epochs = _number(data, "epochs", int, 1, 10_000, fail)
@@ -127,9 +127,10 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     timeout = float(_number(data, "timeout", (int, float), 1, None, fail)) if "timeout" in data else None
     if n_trials is None and timeout is None:
         raise SpecError(f"{where}: give n_trials and/or timeout (seconds): without either a study never ends")
-    val_fraction = float(data.get("val_fraction", 0.1))
-    if not isinstance(data.get("val_fraction", 0.1), int | float) or not 0 < val_fraction < 1:
-        raise fail("val_fraction", data.get("val_fraction"), "must be a number with 0 < val_fraction < 1")
+    val_fraction = data.get("val_fraction", 0.1)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+        raise fail("val_fraction", val_fraction, "must be a number with 0 < val_fraction < 1")
+    val_fraction = float(val_fraction)
     train_fraction = data.get("train_fraction", 1.0)
     if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not 0 < train_fraction <= 1:
         raise fail("train_fraction", train_fraction, "must be a number with 0 < train_fraction <= 1")
@@ -208,7 +209,7 @@ def _algorithm(raw: Any, key: str, knobs: dict[str, dict[str, Knob]], fail: Any)
     if table is None or "type" not in table:
         raise fail(key, raw, f"must be a name or a table with type; allowed types: {', '.join(knobs)}")
     kind = table["type"]
-    if kind not in knobs:
+    if not isinstance(kind, str) or kind not in knobs:
         raise fail(key, kind, f"is not known; allowed: {', '.join(knobs)}")
     for knob, value in table.items():
         if knob == "type":
@@ -233,4 +234,5 @@ def _algorithm(raw: Any, key: str, knobs: dict[str, dict[str, Knob]], fail: Any)
 
 
 def _show(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    # default=str: TOML dates and times have no JSON form; shown as their ISO text.
+    return json.dumps(value, default=str) if not isinstance(value, float) or math.isfinite(value) else str(value)

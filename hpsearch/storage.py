@@ -15,6 +15,7 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._preflight import check_writable_sqlite
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 # A worker writes a heartbeat this often while a trial runs; a RUNNING trial whose heartbeat is older than the
@@ -38,6 +39,8 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.RDB
     except sqlalchemy.exc.ArgumentError:
         raise SpecError(f"--storage: {url!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
                         "postgresql+psycopg://user@host/db)") from None
+    # Read before the database is touched: a bad value is bad input (exit 2), not a failure to open it.
+    heartbeat, grace = heartbeat_settings()
     # A server restart or a dropped idle connection is noticed before use, not in the middle of a trial.
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
@@ -45,11 +48,20 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.RDB
             if not create and not Path(parsed.database).is_file():
                 raise SpecError(f"--storage: there is no SQLite database at {parsed.database!r} (run a study first, "
                                 "or pass --storage / HPSEARCH_STORAGE)")
-            _prepare_sqlite(Path(parsed.database))
+            if create:  # the commands that only read leave the file's settings (journal mode) alone
+                check_writable_sqlite(Path(parsed.database))
+                _prepare_sqlite(Path(parsed.database))
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}
     for attempt in range(TABLE_RACE_ATTEMPTS):
         try:
-            return _rdb_storage(url, engine_kwargs)
+            if not create:
+                _check_schema(url, parsed, engine_kwargs)
+            return _rdb_storage(url, engine_kwargs, heartbeat=heartbeat, grace=grace, create=create)
+        except SpecError:
+            raise
+        except sqlalchemy.exc.NoSuchModuleError:
+            raise SpecError(f"--storage {_safe(parsed)}: {parsed.drivername!r} is not a database SQLAlchemy knows "
+                            "(e.g. sqlite, postgresql+psycopg, mysql+pymysql)") from None
         except ImportError as e:
             raise HpsearchError(f"--storage {_safe(parsed)}: the database driver is not installed ({e})") from None
         except Exception as e:  # connection refused, unknown database, permissions: all end the same way
@@ -62,17 +74,46 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.RDB
     raise AssertionError("unreachable")
 
 
-def _rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds; HPSEARCH_HEARTBEAT_SECONDS / HPSEARCH_GRACE_SECONDS override."""
+    return (_env_seconds("HPSEARCH_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
+            _env_seconds("HPSEARCH_GRACE_SECONDS", GRACE_SECONDS))
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, *, heartbeat: int, grace: int,
+                 create: bool) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=_env_seconds("HPSEARCH_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
-            grace_period=_env_seconds("HPSEARCH_GRACE_SECONDS", GRACE_SECONDS),
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=MAX_RETRY, inherit_intermediate_values=True),
+            skip_table_creation=not create,
         )
+
+
+OPTUNA_TABLES = ("studies", "trials", "version_info")
+
+
+def _check_schema(url: str, parsed: sqlalchemy.engine.URL, engine_kwargs: dict) -> None:
+    """For the commands that only read: a database without Optuna's tables (another application's, or an
+    empty one) is refused before Optuna is let near it."""
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    except sqlalchemy.exc.DatabaseError as e:
+        if parsed.get_backend_name() == "sqlite" and "not a database" in str(e):
+            raise SpecError(f"--storage: {parsed.database!r} is not an SQLite database") from None
+        raise
+    finally:
+        engine.dispose()
+    missing = [t for t in OPTUNA_TABLES if t not in tables]
+    if missing:
+        raise SpecError(f"--storage {_safe(parsed)}: not an Optuna database (no {missing[0]!r} table); "
+                        "run a study first, or check the URL")
 
 
 def _is_integrity_error(e: BaseException | None) -> bool:
@@ -94,13 +135,11 @@ def _env_seconds(name: str, default: int) -> int:
 
 def _prepare_sqlite(path: Path) -> None:
     """WAL lets readers run beside the one writer; it is a property of the file, so set it once here."""
-    if not path.parent.exists():
-        raise SpecError(f"--storage: the directory {str(path.parent)!r} of the SQLite file does not exist")
     con = sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS)
     try:
         con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.DatabaseError as e:
-        raise HpsearchError(f"--storage: {str(path)!r} is not an SQLite database ({e})") from None
+        raise SpecError(f"--storage: {str(path)!r} is not an SQLite database ({e})") from None
     finally:
         con.close()
 

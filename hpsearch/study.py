@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy
@@ -16,8 +16,9 @@ from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.artifacts import new_study_id
-from hpsearch.signals import Terminated
-from hpsearch.spec import DEAD_KNOBS, StudySpec, spec_from_dict, split_row
+
+if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that only read need neither
+    from hpsearch.spec import StudySpec
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -105,6 +106,8 @@ PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
 
 
 def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pruners.BasePruner:
+    from hpsearch.spec import DEAD_KNOBS
+
     knobs = {k: v for k, v in spec.pruner.items() if k != "type" and k not in DEAD_KNOBS}
     kind = spec.pruner["type"]
     if kind == "percentile":
@@ -148,6 +151,8 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
                                   pruner=make_pruner(spec, dead))
         stored = study.user_attrs.get(SPEC_ATTR)
         if stored is not None and not force:
+            from hpsearch.spec import spec_from_dict
+
             old = spec_from_dict(json.loads(stored), where=f"study {spec.name!r}").search_definition()
             new = spec.search_definition()
             if old != new:
@@ -159,6 +164,8 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
     study.set_user_attr("dataset", spec.dataset)
     study.set_metric_names(["val_accuracy"])
     if created:
+        from hpsearch.spec import split_row
+
         for row in spec.enqueue:
             params, meta = split_row(row)
             study.enqueue_trial(params, user_attrs=meta or None, skip_if_exists=True)
@@ -171,6 +178,8 @@ def load_spec_from_study(storage: optuna.storages.BaseStorage, name: str) -> Stu
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         raise HpsearchError(f"study {name!r} was not created by hpsearch (no stored study file)")
+    from hpsearch.spec import spec_from_dict
+
     return spec_from_dict(json.loads(stored), where=f"study {name!r}")
 
 
@@ -343,5 +352,6 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     if "sampled independently" in message or (message.startswith("Trial ") and "failed with value None" in message):
         return False
-    # A trial ended by SIGTERM gets hpsearch's own one line instead (signals.py).
-    return not (record.exc_info and isinstance(record.exc_info[1], (HpsearchError, Terminated)))
+    # Ctrl-C and SIGTERM (a KeyboardInterrupt too): the CLI says in one line what happened to the trial; Optuna's
+    # warning would add its traceback.
+    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError | KeyboardInterrupt))

@@ -57,11 +57,10 @@ def test_bad_worker_counts_and_missing_gpus_are_refused_with_the_rule() -> None:
 
 
 def test_worker_command_passes_the_slot_and_the_run_options() -> None:
-    cmd = worker_command("s1", Slot("cuda:1", 4, (0, 1, 2, 3)), storage="sqlite:///x.db", n_trials=20, timeout=None,
+    cmd = worker_command("s1", Slot("cuda:1", 4, (0, 1, 2, 3)), n_trials=20, timeout=None,
                          data_dir=None, cache_dir=None, compile=True)
     assert cmd[:4] == [sys.executable, "-m", "hpsearch", "worker"]
-    assert cmd[4:] == ["s1", "--no-summary", "--storage", "sqlite:///x.db", "--device", "cuda:1", "--threads", "4",
-                       "--n-trials", "20", "--compile"]
+    assert cmd[4:] == ["s1", "--no-summary", "--device", "cuda:1", "--threads", "4", "--n-trials", "20", "--compile"]
 
 
 class Sink:

@@ -88,10 +88,19 @@ def test_interrupted_run_leaves_no_running_trial(write_study, tmp_path: Path):
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "interrupted: the running trial was marked FAIL; run the same command to resume" in err
+    # One line: neither Optuna's "Trial 0 failed ... KeyboardInterrupt()" warning nor its traceback.
+    assert err == "interrupted: the running trial was marked FAIL; run the same command to resume\n"
     assert "study tiny" in out  # the summary is still printed
     trials = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL]
+    # Resuming goes on past the failed trial (one epoch here, hence --force, to keep the test short).
+    short = write_study("short.toml", text=study_text(n_trials=1, epochs=1, extra='pruner = "none"', space=SPACE,
+                                                      dataset='dataset = "synthetic:size=24,train=2000"'))
+    resumed = spawn_cli("run", str(short), "--force", cwd=tmp_path)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    trials = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
 def test_dead_workers_trial_does_not_stay_running_in_a_finished_study(write_study, tmp_path: Path):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from hpsearch._errors import HpsearchError, SpecError
+from hpsearch._paths import default_cache_dir as default_cache_dir  # re-exported by hpsearch.data
+from hpsearch._paths import default_data_dir as default_data_dir
 from hpsearch.data import _readers as readers
 from hpsearch.data._synthetic import make_synthetic, parse_synthetic
 
@@ -31,14 +33,6 @@ CLASS_NAMES = {
 # torchvision's folder names, so a directory torchvision downloaded into works as is.
 TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
 DATASET_RULE = "mnist, fashion-mnist, cifar10, folder:<path>, synthetic[:key=value,...]"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("HPSEARCH_DATA") or Path.home() / ".cache" / "hpsearch" / "data")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("HPSEARCH_CACHE") or Path.home() / ".cache" / "hpsearch" / "cache")
 
 
 def check_dataset_name(name: str) -> None:

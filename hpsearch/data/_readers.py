@@ -6,13 +6,15 @@ import gzip
 import hashlib
 import pickle
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 
-from hpsearch._errors import HpsearchError
+from hpsearch._errors import HpsearchError, SpecError, first_line
 
 Arrays = tuple[torch.Tensor, torch.Tensor]  # images uint8 [N, C, H, W], labels int64 [N]
 
@@ -36,15 +38,25 @@ def _idx_path(directory: Path, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = _gunzip(path) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise HpsearchError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+        raise SpecError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise HpsearchError(f"{path}: truncated IDX file ({data.size} bytes of data for shape {shape})")
+        raise SpecError(f"{path}: truncated IDX file ({data.size} bytes of data for shape {shape})")
     return data.reshape(shape)
+
+
+def _gunzip(path: Path) -> bytes:
+    # gzip's EOFError must not escape: Click takes an EOFError for the user ending input and prints "Aborted".
+    try:
+        return gzip.decompress(path.read_bytes())
+    except EOFError:
+        raise SpecError(f"{path}: truncated gzip file (it ends before its compressed data does)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise SpecError(f"{path}: not a valid gzip file ({first_line(e)})") from None
 
 
 def read_idx(directory: Path, split: str) -> Arrays:
@@ -76,19 +88,38 @@ def read_cifar(location: Path, split: str) -> Arrays:
     names = CIFAR_TRAIN if split == "train" else CIFAR_TEST
     batches = []
     if location.is_file():  # the tar.gz straight from the CIFAR page: read members without extracting
-        with tarfile.open(location, "r:gz") as tar:
-            for name in names:
-                member = tar.extractfile(f"cifar-10-batches-py/{name}")
-                if member is None:
-                    raise HpsearchError(f"{location}: no cifar-10-batches-py/{name} inside")
-                batches.append(pickle.load(member, encoding="bytes"))
+        try:
+            with tarfile.open(location, "r:gz") as tar:
+                for name in names:
+                    member = tar.extractfile(f"cifar-10-batches-py/{name}")
+                    if member is None:
+                        raise HpsearchError(f"{location}: no cifar-10-batches-py/{name} inside")
+                    batches.append(_cifar_batch(member, f"{location}: cifar-10-batches-py/{name}"))
+        except KeyError as e:  # tarfile's way of saying that a member is missing
+            raise SpecError(f"{location}: not a CIFAR-10 archive ({first_line(e)})") from None
+        except (EOFError, OSError, tarfile.TarError, zlib.error) as e:
+            raise SpecError(f"{location}: not a readable tar.gz archive ({first_line(e)})") from None
     else:
         for name in names:
             with open(location / name, "rb") as f:
-                batches.append(pickle.load(f, encoding="bytes"))
+                batches.append(_cifar_batch(f, str(location / name)))
     images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _cifar_batch(f: IO[bytes], where: str) -> dict:
+    """One pickled batch, checked for the two arrays read from it."""
+    try:
+        batch = pickle.load(f, encoding="bytes")
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, OSError, zlib.error) as e:  # a broken pickle raises any of these
+        raise SpecError(f"{where}: not a CIFAR-10 batch ({type(e).__name__}: {first_line(e)})") from None
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or \
+            len(batch.get(b"labels", ())) != len(data):
+        raise SpecError(f"{where}: not a CIFAR-10 batch (expected b'data' of N x 3072 bytes and N b'labels')")
+    return batch
 
 
 # ---------------------------------------------------------------- image folders (torchvision ImageFolder layout)
@@ -130,8 +161,11 @@ def read_folder(root: Path, split: str, classes: list[str], *, size: tuple[int, 
         raise HpsearchError(f"{root / split}: no images in any class folder ({', '.join(classes)})")
     images: list[Image.Image] = []
     for path, _ in files:
-        with Image.open(path) as im:
-            images.append(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # OSError: not an image, or truncated
+            raise SpecError(f"{path}: not a readable image ({first_line(e)})") from None
     grey = all(im.mode == "L" for im in images)
     target = size or Counter(im.size for im in images).most_common(1)[0][0]
     arrays = []

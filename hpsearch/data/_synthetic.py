@@ -3,6 +3,7 @@ the class pattern, randomly shifted by up to 2 px, plus pixel noise. A small CNN
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,34 @@ def parse_synthetic(name: str) -> SyntheticArgs:
     if not valid or args.train < args.classes or args.test < 1:
         raise SpecError(f"dataset {name!r}: needs classes >= 2, size >= 4, channels 1 or 3, "
                         "train >= classes, test >= 1")
+    need = generation_bytes(args)
+    have = physical_memory()
+    if have is not None and need > have:
+        raise SpecError(f"dataset {name!r}: generating {args.train + args.test} images of {args.channels}x{args.size}"
+                        f"x{args.size} needs about {_gib(need)} of memory; this machine has {_gib(have)}")
     return args
+
+
+# make_synthetic holds the float32 images, the noise added to them and their sum at once (3 x 4 bytes per
+# value), then the uint8 result.
+BYTES_PER_VALUE = 13
+
+
+def generation_bytes(args: SyntheticArgs) -> int:
+    return max(args.train, args.test) * args.channels * args.size * args.size * BYTES_PER_VALUE + \
+        (args.train + args.test) * args.channels * args.size * args.size
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def make_synthetic(args: SyntheticArgs, split: str) -> tuple[torch.Tensor, torch.Tensor]:

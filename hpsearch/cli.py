@@ -26,6 +26,7 @@ from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.launch import launch
 from hpsearch.objective import checkpoint_dir, make_objective
+from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, PROXY_WARNING, is_proxy_url
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.storage import open_storage, storage_url
 from hpsearch.study import (
@@ -47,7 +48,7 @@ err_console = Console(stderr=True, highlight=False, markup=False)
 
 # ---------------------------------------------------------------- options shared by several commands
 StorageOpt = typer.Option(None, "--storage", envvar="HPSEARCH_STORAGE", show_default="sqlite:///hpsearch.db",
-                          help="SQLAlchemy URL of the study database.")
+                          help="SQLAlchemy URL of the study database, or grpc://host:port of `hpsearch proxy`.")
 DataDirOpt = typer.Option(None, "--data-dir", envvar="HPSEARCH_DATA", show_default="~/.cache/hpsearch/data",
                           help="Where datasets are looked for (may be read-only).")
 CacheDirOpt = typer.Option(None, "--cache-dir", envvar="HPSEARCH_CACHE", show_default="~/.cache/hpsearch/cache",
@@ -121,6 +122,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     device = resolve_device(device_name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage)
+    if summary and is_proxy_url(storage_url(storage)):  # once per command: --workers' children (no summary) skip it
+        err_console.print(PROXY_WARNING.format(url=storage_url(storage)), soft_wrap=True)
     target = n_trials or spec.n_trials
     finished = finished_if_exists(rdb, spec.name)
     if target is not None and finished is not None and finished >= target:
@@ -310,5 +313,31 @@ def dashboard(
         optuna_dashboard.run_server(rdb, host=host, port=port)
     except OSError as e:
         raise HpsearchError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def proxy(
+    storage: str | None = StorageOpt,
+    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (0.0.0.0: every interface; the "
+                             "proxy has no authentication, so expose it only on a trusted network)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535, help="Port to listen on."),
+) -> None:
+    """Serve the database to many workers as Optuna's gRPC storage proxy; workers pass --storage grpc://HOST:PORT.
+    Behind the proxy there are no heartbeats: a killed worker's trial stays RUNNING and is not retried."""
+    from hpsearch import proxy as grpc_proxy
+
+    url = storage_url(storage)
+    if is_proxy_url(url):
+        raise SpecError(f"--storage: {url!r} is a proxy; hpsearch proxy needs the database URL itself "
+                        "(e.g. postgresql+psycopg://user@host/db)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = open_storage(url)
+    grpc_proxy.check_listen(host, port)  # before saying it listens
+    console.print(f"gRPC storage proxy on grpc://{host}:{port}  (workers: --storage grpc://{host}:{port}; "
+                  "Ctrl-C stops it)", soft_wrap=True)
+    try:
+        grpc_proxy.serve(rdb, host=host, port=port)
     except KeyboardInterrupt:
         pass

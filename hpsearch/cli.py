@@ -28,7 +28,7 @@ from hpsearch.launch import launch
 from hpsearch.objective import checkpoint_dir, make_objective
 from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, PROXY_WARNING, is_proxy_url
 from hpsearch.spec import StudySpec, load_spec
-from hpsearch.storage import open_storage, storage_url
+from hpsearch.storage import open_storage, redact_url, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
@@ -330,7 +330,7 @@ def proxy(
 
     url = storage_url(storage)
     if is_proxy_url(url):
-        raise SpecError(f"--storage: {url!r} is a proxy; hpsearch proxy needs the database URL itself "
+        raise SpecError(f"--storage: {redact_url(url)!r} is a proxy; hpsearch proxy needs the database URL itself "
                         "(e.g. postgresql+psycopg://user@host/db)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(url)

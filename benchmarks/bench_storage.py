@@ -53,7 +53,9 @@ def _connections(dbname: str) -> int:
 def measure(url: str, workers: int, seconds: float, *, dbname: str | None) -> tuple[float, int | None]:
     """(trials/s, most connections seen on the server while the workers ran)."""
     study = f"bench-{uuid.uuid4().hex[:8]}"
-    optuna.create_study(study_name=study, storage=open_storage(url))
+    storage = open_storage(url)
+    optuna.create_study(study_name=study, storage=storage)
+    _close(storage)  # this process holds no connection while the workers are counted
     ctx = mp.get_context("fork")
     start, done = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(url, study, seconds, start, done)) for _ in range(workers)]
@@ -72,9 +74,19 @@ def measure(url: str, workers: int, seconds: float, *, dbname: str | None) -> tu
         p.join()
         if p.exitcode != 0:
             raise SystemExit(f"a worker failed (exit {p.exitcode})")
-    n = len(optuna.load_study(study_name=study, storage=open_storage(url)).get_trials(
+    storage = open_storage(url)
+    n = len(optuna.load_study(study_name=study, storage=storage).get_trials(
         states=(optuna.trial.TrialState.COMPLETE,)))
+    _close(storage)
     return n / elapsed, most
+
+
+def _close(storage: optuna.storages.BaseStorage) -> None:
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.remove_session()
+        storage.engine.dispose()
+    elif isinstance(storage, optuna.storages.GrpcStorageProxy):
+        storage.close()
 
 
 def _free_port() -> int:
@@ -90,6 +102,8 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql,proxy", help="sqlite, postgresql, proxy")
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
+    warnings.simplefilter("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     backends = args.backends.split(",")
     import psycopg
 

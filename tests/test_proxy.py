@@ -113,3 +113,13 @@ def test_proxy_refuses_a_taken_port_and_a_proxy_url(run_cli):
     assert r.code == 2
     assert r.err.strip() == ("error: --storage: 'grpc://127.0.0.1:13000' is a proxy; hpsearch proxy needs the "
                              "database URL itself (e.g. postgresql+psycopg://user@host/db)")
+
+
+def test_a_lost_proxy_is_a_storage_outage():
+    import grpc
+
+    from hpsearch.study import _lost_database
+
+    # A run waits for the proxy to come back, as it does for the database itself (study.run_trials).
+    assert _lost_database(grpc.RpcError())
+    assert not _lost_database(ValueError("not a storage error"))

@@ -23,12 +23,16 @@ def install() -> None:
 
     def slow_fit(*args, on_epoch=None, **kwargs):
         def slow(epoch, result):
+            # The sleep stands in for the next epoch's training, so it comes after this epoch's report.
+            # CHAOS_SLEEP_BEFORE_REPORT=1 sleeps between fit's checkpoint and the report instead: it widens
+            # that gap from milliseconds to seconds, so kills land in it (issue #7 section 1 closes the gap).
+            before = os.environ.get("CHAOS_SLEEP_BEFORE_REPORT") == "1"
+            if before:
+                time.sleep(float(os.environ.get("CHAOS_EPOCH_SECONDS", "1")))
             if on_epoch is not None:
                 on_epoch(epoch, result)
-            # Stands in for the next epoch's training, so it comes after this epoch's report (fit saves the
-            # checkpoint just before it). Sleeping before the report would widen the few-millisecond gap
-            # between checkpoint and report into seconds, which issue #7 section 1 closes in fit itself.
-            time.sleep(float(os.environ.get("CHAOS_EPOCH_SECONDS", "1")))
+            if not before:
+                time.sleep(float(os.environ.get("CHAOS_EPOCH_SECONDS", "1")))
 
         return _fit(*args, on_epoch=slow, **kwargs)
 

@@ -56,12 +56,15 @@ class Chaos:
     epochs: int = 3
     epoch_seconds: float = 1.0  # sleep per epoch
     restart_postgresql: bool = False
+    sleep_before_report: bool = False  # see tests/chaos_worker.py
     timeout: float = 300
 
 
 SMALL = Chaos(workers=3, n_trials=12, kills=3, min_kills=2, kill_every=2, kill_for=60)
 FULL = Chaos(workers=8, n_trials=60, kills=20, min_kills=8, kill_every=4, kill_for=60, epochs=4,
              epoch_seconds=1.5, restart_postgresql=True, timeout=900)
+FULL_SQLITE = Chaos(workers=3, n_trials=30, kills=10, min_kills=4, kill_every=4, kill_for=60, epochs=4,
+                    epoch_seconds=1.5, timeout=900)
 
 
 def run_chaos(storage: str, cwd: Path, chaos: Chaos) -> dict[int, FrozenTrial]:
@@ -70,7 +73,8 @@ def run_chaos(storage: str, cwd: Path, chaos: Chaos) -> dict[int, FrozenTrial]:
     path.write_text(study_text("chaos", epochs=chaos.epochs, n_trials=chaos.n_trials, extra='pruner = "none"',
                                space=SPACE))
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), "HPSEARCH_HEARTBEAT_SECONDS": "1",
-           "HPSEARCH_GRACE_SECONDS": "3", "CHAOS_EPOCH_SECONDS": str(chaos.epoch_seconds)}
+           "HPSEARCH_GRACE_SECONDS": "3", "CHAOS_EPOCH_SECONDS": str(chaos.epoch_seconds),
+           "CHAOS_SLEEP_BEFORE_REPORT": "1" if chaos.sleep_before_report else "0"}
     logs: list[Path] = []
 
     def start() -> subprocess.Popen[bytes]:
@@ -191,3 +195,24 @@ def test_chaos_postgresql_full(tmp_path: Path, pg_url: str):  # noqa: F811
         pytest.skip("pg_ctlcluster is not installed: cannot restart the server")
     killed = run_chaos(pg_url, tmp_path, FULL)
     check_end_state(pg_url, FULL, killed)
+
+
+@pytest.mark.slow
+def test_chaos_sqlite_full(tmp_path: Path):
+    storage = "sqlite:///chaos.db"
+    killed = run_chaos(storage, tmp_path, FULL_SQLITE)
+    check_end_state(storage, FULL_SQLITE, killed)
+
+
+# KNOWN DEFECT (issue #7 section 1, fixed on another branch): fit saves an epoch's checkpoint before the epoch's
+# value is reported, so a worker killed between the two leaves a retry that skips that epoch's report (or, after
+# the last epoch, finishes with one value too few). Observed here on 2026-11-27: retries with intermediate values
+# {0, 2} and a 2-value curve of a 3-epoch trial. Lead: drop the xfail once the section-1 branch is merged.
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue #7 section 1: checkpoint saved before the report (fixed on the resume branch)",
+                   strict=False)
+def test_chaos_sqlite_kill_between_checkpoint_and_report(tmp_path: Path):
+    chaos = Chaos(workers=3, n_trials=12, kills=3, min_kills=2, kill_every=2, kill_for=60, sleep_before_report=True)
+    storage = "sqlite:///chaos.db"
+    killed = run_chaos(storage, tmp_path, chaos)
+    check_end_state(storage, chaos, killed)

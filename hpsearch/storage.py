@@ -42,7 +42,7 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise SpecError(f"--storage: {redact_url(url)!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
-                        "postgresql+psycopg://user@host/db, grpc://host:port)") from None
+                        "postgresql+psycopg://user@host/db)") from None
     # A server restart or a dropped idle connection is noticed before use, not in the middle of a trial.
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":

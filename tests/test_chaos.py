@@ -5,7 +5,8 @@ resumed after the epochs the dead worker had finished, and finished.
 
 The CI versions are small (3 workers, 12 trials, 3 kills); the full one (8 workers, 60 trials, a kill every few
 seconds for a minute, one PostgreSQL restart) is marked slow. Trials use a tiny model whose epochs sleep
-(tests/chaos_worker.py), so they last seconds without loading the shared CPUs.
+(tests/chaos_worker.py), so they last seconds without loading the shared CPUs. Most of a small run's time is
+the replacement workers importing torch: ~3 min each on the shared 2-core machine (load average ~13).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
-from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
+from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, PROXY_WARNING, is_proxy_url
+from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, redact_url, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
@@ -55,7 +56,7 @@ err_console = Console(stderr=True, highlight=False, markup=False)
 
 # ---------------------------------------------------------------- options shared by several commands
 StorageOpt = typer.Option(None, "--storage", envvar="HPSEARCH_STORAGE", show_default="sqlite:///hpsearch.db",
-                          help="SQLAlchemy URL of the study database.")
+                          help="SQLAlchemy URL of the study database, or grpc://host:port of `hpsearch proxy`.")
 DataDirOpt = typer.Option(None, "--data-dir", envvar="HPSEARCH_DATA", show_default="~/.cache/hpsearch/data",
                           help="Where datasets are looked for (may be read-only).")
 CacheDirOpt = typer.Option(None, "--cache-dir", envvar="HPSEARCH_CACHE", show_default="~/.cache/hpsearch/cache",
@@ -221,6 +222,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                      artifacts=artifacts_location or artifacts.default_location(cache))
     # A new SQLite file is made only once the data has been read: a run that fails on its data leaves none behind.
     rdb = None if new_sqlite_file(storage_url(storage)) else open_storage(storage)
+    if summary and is_proxy_url(storage_url(storage)):  # once per command: --workers' children (no summary) skip it
+        err_console.print(PROXY_WARNING.format(url=redact_url(storage_url(storage))), soft_wrap=True)
     target = n_trials or spec.n_trials
     finished = None if rdb is None else finished_if_exists(rdb, spec.name)
     if rdb is not None and target is not None and finished is not None and finished >= target:
@@ -630,3 +633,29 @@ def create(
     else:
         console.print(f"study {spec.name!r} created ({spec.strategy} on {spec.dataset}, {len(spec.enqueue)} enqueued); "
                       f"join with: hpsearch worker {spec.name}", soft_wrap=True)
+
+
+@app.command()
+def proxy(
+    storage: str | None = StorageOpt,
+    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (0.0.0.0: every interface; the "
+                             "proxy has no authentication, so expose it only on a trusted network)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535, help="Port to listen on."),
+) -> None:
+    """Serve the database to many workers as Optuna's gRPC storage proxy; workers pass --storage grpc://HOST:PORT.
+    Behind the proxy there are no heartbeats: a killed worker's trial stays RUNNING and is not retried."""
+    from hpsearch import proxy as grpc_proxy
+
+    url = storage_url(storage)
+    if is_proxy_url(url):
+        raise SpecError(f"--storage: {redact_url(url)!r} is a proxy; hpsearch proxy needs the database URL itself "
+                        "(e.g. postgresql+psycopg://user@host/db)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = open_storage(url)
+    grpc_proxy.check_listen(host, port)  # before saying it listens
+    console.print(f"gRPC storage proxy on grpc://{host}:{port}  (workers: --storage grpc://{host}:{port}; "
+                  "Ctrl-C stops it)", soft_wrap=True)
+    try:
+        grpc_proxy.serve(rdb, host=host, port=port)
+    except KeyboardInterrupt:
+        pass

@@ -5,6 +5,7 @@ enqueue a retry that resumes from the trial's last checkpoint."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 import warnings
@@ -16,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._preflight import check_writable_sqlite
+from hpsearch.proxy import is_proxy_url, open_proxy
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 # A worker writes a heartbeat this often while a trial runs; a RUNNING trial whose heartbeat is older than the
@@ -31,13 +33,16 @@ def storage_url(url: str | None) -> str:
     return url or os.environ.get("HPSEARCH_STORAGE") or DEFAULT_STORAGE
 
 
-def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.RDBStorage:
-    """``create=False`` (the read-only commands): a missing SQLite file is an error, not a new empty database."""
+def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """``create=False`` (the read-only commands): a missing SQLite file is an error, not a new empty database.
+    A ``grpc://host:port`` URL gives a client of ``hpsearch proxy`` (see hpsearch.proxy)."""
     url = storage_url(url)
+    if is_proxy_url(url):
+        return open_proxy(url)
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise SpecError(f"--storage: {url!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise SpecError(f"--storage: {redact_url(url)!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
                         "postgresql+psycopg://user@host/db)") from None
     # Read before the database is touched: a bad value is bad input (exit 2), not a failure to open it.
     heartbeat, grace = heartbeat_settings()
@@ -85,7 +90,9 @@ def _rdb_storage(url: str, engine_kwargs: dict, *, heartbeat: int, grace: int,
     with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            url,
+            # Optuna fills the URL in with str.format: doubled braces reach the driver as the user's own braces
+            # (a password "a{b}" would otherwise be a KeyError naming part of the password).
+            url.replace("{", "{{").replace("}", "}}"),
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat,
             grace_period=grace,
@@ -146,3 +153,8 @@ def _prepare_sqlite(path: Path) -> None:
 
 def _safe(url: sqlalchemy.engine.URL) -> str:
     return url.render_as_string(hide_password=True)
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host...`` for a URL that SQLAlchemy cannot parse: the password never reaches output."""
+    return re.sub(r"(://[^/@]*?:)[^/]*@", r"\1***@", url)

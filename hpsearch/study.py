@@ -332,7 +332,8 @@ def _lost_database(e: BaseException | None) -> bool:
     """Whether a database error is behind ``e``: Optuna can raise a secondary error while handling one
     (its own clean-up queries fail too), so the whole chain is searched."""
     while e is not None:
-        if isinstance(e, DB_ERRORS):
+        # grpc.RpcError (by module name: grpc is an optional extra): the gRPC proxy is down or unreachable.
+        if isinstance(e, DB_ERRORS) or type(e).__module__.startswith("grpc"):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -341,8 +342,10 @@ def _lost_database(e: BaseException | None) -> bool:
 def _count_or_none(study: optuna.Study) -> int | None:
     try:
         return count_finished(study)
-    except DB_ERRORS:
-        return None
+    except Exception as e:
+        if _lost_database(e):
+            return None
+        raise
 
 
 def _quiet_expected(record: logging.LogRecord) -> bool:

@@ -1,0 +1,222 @@
+"""Chaos: workers on one study are SIGKILLed at random mid-trial (and replaced), PostgreSQL is restarted once, and
+the study still ends right: exactly its count of finished trials (+ at most workers-1 that were already
+running), no duplicated trial numbers, nothing RUNNING, and every killed trial FAILED with one retry that
+resumed after the epochs the dead worker had finished, and finished.
+
+The CI versions are small (3 workers, 12 trials, 3 kills); the full one (8 workers, 60 trials, a kill every few
+seconds for a minute, one PostgreSQL restart) is marked slow. Trials use a tiny model whose epochs sleep
+(tests/chaos_worker.py), so they last seconds without loading the shared CPUs. Most of a small run's time is
+the replacement workers importing torch: ~3 min each on the shared 2-core machine (load average ~13).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from signal import SIGKILL
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch.storage import MAX_RETRY
+from tests.chaos_worker import PID_ATTR
+from tests.conftest import study_text
+from tests.test_services import pg_url  # noqa: F401  (fixture)
+
+WORKER = Path(__file__).with_name("chaos_worker.py")
+ROOT = Path(__file__).resolve().parent.parent
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Fixed: nothing is rejected or pruned, so every trial trains all its epochs.
+SPACE = """
+[space]
+conv_layers = 1
+channels = 4
+padding = "same"
+stride = 1
+fc_layers = 1
+fc_width = 16
+batch_size = 64
+optimizer = "adam"
+"""
+
+
+@dataclass(frozen=True)
+class Chaos:
+    workers: int
+    n_trials: int
+    kills: int  # at most this many SIGKILLs ...
+    min_kills: int  # ... and at least this many, or the run proved nothing
+    kill_every: float  # seconds between kills
+    kill_for: float  # seconds after the first kill during which workers are killed
+    epochs: int = 3
+    epoch_seconds: float = 1.0  # sleep per epoch
+    restart_postgresql: bool = False
+    sleep_before_report: bool = False  # see tests/chaos_worker.py
+    timeout: float = 300
+
+
+SMALL = Chaos(workers=3, n_trials=12, kills=3, min_kills=2, kill_every=2, kill_for=60)
+FULL = Chaos(workers=8, n_trials=60, kills=20, min_kills=8, kill_every=4, kill_for=60, epochs=4,
+             epoch_seconds=1.5, restart_postgresql=True, timeout=900)
+FULL_SQLITE = Chaos(workers=3, n_trials=30, kills=10, min_kills=4, kill_every=4, kill_for=60, epochs=4,
+                    epoch_seconds=1.5, timeout=900)
+
+
+def run_chaos(storage: str, cwd: Path, chaos: Chaos) -> dict[int, FrozenTrial]:
+    """Runs the study under ``chaos``; returns the killed trials as they were just before their kill."""
+    path = cwd / "chaos.toml"
+    path.write_text(study_text("chaos", epochs=chaos.epochs, n_trials=chaos.n_trials, extra='pruner = "none"',
+                               space=SPACE))
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), "HPSEARCH_HEARTBEAT_SECONDS": "1",
+           "HPSEARCH_GRACE_SECONDS": "3", "CHAOS_EPOCH_SECONDS": str(chaos.epoch_seconds),
+           "CHAOS_SLEEP_BEFORE_REPORT": "1" if chaos.sleep_before_report else "0"}
+    logs: list[Path] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        log = cwd / f"worker-{len(logs)}.log"
+        logs.append(log)
+        with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe while the test polls
+            return subprocess.Popen([sys.executable, str(WORKER), "run", str(path), "--storage", storage],
+                                    cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def tail() -> str:
+        return "\n".join(f"--- {log.name}\n" + log.read_text()[-1500:] for log in logs)
+
+    procs = {p.pid: p for p in (start() for _ in range(chaos.workers))}
+    killed: dict[int, FrozenTrial] = {}
+    rng = random.Random(0)
+    reader = optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+    deadline = time.monotonic() + chaos.timeout
+    first_kill = next_kill = None
+    restarted = not chaos.restart_postgresql
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            assert time.monotonic() < deadline, f"the chaos run did not end in {chaos.timeout} s\n{tail()}"
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="chaos", storage=reader).get_trials()
+            except Exception:  # no study yet, or the server is restarting
+                continue
+            now = time.monotonic()
+            finished = sum(t.state in FINISHED for t in trials)
+            # Kills stop while half the study is still to run: a retry is enqueued only once the dead
+            # trial's heartbeat is stale, and it must still find a worker to run it.
+            kill_window = (first_kill is None or now - first_kill < chaos.kill_for) and \
+                finished < chaos.n_trials // 2 and len(killed) < chaos.kills
+            # Only while two workers run trials (a replacement imports torch for a while on a loaded machine):
+            # the study never goes without a worker, which would leave the retries nobody to run them.
+            live = {pid for pid, p in procs.items() if p.poll() is None}
+            active = live & {t.user_attrs.get(PID_ATTR) for t in trials}
+            if kill_window and (next_kill is None or now >= next_kill) and len(active) >= 2:
+                victims = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
+                           and t.user_attrs.get(PID_ATTR) in live
+                           and len(t.system_attrs.get("retry_history", [])) < MAX_RETRY]
+                fresh = reader.get_trial(rng.choice(victims)._trial_id) if victims else None
+                if fresh is not None and fresh.state == TrialState.RUNNING:  # re-read: it may have just ended
+                    pid = fresh.user_attrs[PID_ATTR]
+                    os.kill(pid, SIGKILL)
+                    procs[pid].wait()
+                    # What the dead worker was running, read once it can no longer change.
+                    for t in optuna.load_study(study_name="chaos", storage=reader).get_trials():
+                        if t.state == TrialState.RUNNING and t.user_attrs.get(PID_ATTR) == pid:
+                            killed[t.number] = t
+                    replacement = start()
+                    procs[replacement.pid] = replacement
+                    first_kill = first_kill or now
+                    next_kill = now + chaos.kill_every
+            if not restarted and killed:
+                subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "restart"], check=True,
+                               timeout=120, capture_output=True)
+                restarted = True
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        reader.remove_session()
+        reader.engine.dispose()
+    failed = {pid: p.returncode for pid, p in procs.items() if p.returncode not in (0, -SIGKILL)}
+    assert not failed, f"workers failed: {failed}\n{tail()}"
+    assert len(killed) >= chaos.min_kills, f"only {len(killed)} kills happened\n{tail()}"
+    assert restarted
+    return killed
+
+
+def describe(trials: list[FrozenTrial]) -> str:
+    return "\n".join(f"trial {t.number}: {t.state.name} epochs={len(t.intermediate_values)} "
+                     f"pid={t.user_attrs.get(PID_ATTR)} retry_history={t.system_attrs.get('retry_history')} "
+                     f"resumed={'resumed_from_checkpoint' in t.user_attrs}" for t in trials)
+
+
+def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) -> None:
+    trials = optuna.load_study(study_name="chaos", storage=storage).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)), "duplicated trial numbers"
+    states = f"killed: {sorted(killed)}\n{describe(trials)}"
+    assert not [t for t in trials if t.state == TrialState.RUNNING], states
+    finished = sum(t.state in FINISHED for t in trials)
+    assert chaos.n_trials <= finished <= chaos.n_trials + chaos.workers - 1, states
+    for number, before in killed.items():
+        dead = trials[number]
+        assert dead.state == TrialState.FAIL, (number, states)
+        done = [t for t in trials if number in t.system_attrs.get("retry_history", []) and t.state in FINISHED]
+        assert len(done) == 1, f"killed trial {number} has no finished retry: {states}"
+        retry = done[0]
+        assert retry.params == dead.params
+        assert "resumed_from_checkpoint" in retry.user_attrs, (number, retry.number, retry.user_attrs)
+        # Resumed from epoch > 0: the epochs the dead worker had reported were not trained again.
+        reported = [dead.intermediate_values[e] for e in sorted(dead.intermediate_values)]
+        assert len(before.intermediate_values) >= 1
+        assert retry.user_attrs["val_accuracy"][:len(reported)] == reported, (number, retry.number)
+        assert len(retry.user_attrs["val_accuracy"]) == chaos.epochs
+        # No gap: every epoch has its reported value, the dead worker's and the retry's own.
+        assert sorted(retry.intermediate_values) == list(range(chaos.epochs)), (number, retry.number, states)
+
+
+@pytest.mark.services
+def test_chaos_postgresql_small(tmp_path: Path, pg_url: str):  # noqa: F811
+    killed = run_chaos(pg_url, tmp_path, SMALL)
+    check_end_state(pg_url, SMALL, killed)
+
+
+def test_chaos_sqlite_small(tmp_path: Path):
+    storage = "sqlite:///chaos.db"
+    killed = run_chaos(storage, tmp_path, SMALL)
+    check_end_state(storage, SMALL, killed)
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_chaos_postgresql_full(tmp_path: Path, pg_url: str):  # noqa: F811
+    if subprocess.run(["which", "pg_ctlcluster"], capture_output=True).returncode != 0:
+        pytest.skip("pg_ctlcluster is not installed: cannot restart the server")
+    killed = run_chaos(pg_url, tmp_path, FULL)
+    check_end_state(pg_url, FULL, killed)
+
+
+@pytest.mark.slow
+def test_chaos_sqlite_full(tmp_path: Path):
+    storage = "sqlite:///chaos.db"
+    killed = run_chaos(storage, tmp_path, FULL_SQLITE)
+    check_end_state(storage, FULL_SQLITE, killed)
+
+
+# KNOWN DEFECT (issue #7 section 1, fixed on another branch): fit saves an epoch's checkpoint before the epoch's
+# value is reported, so a worker killed between the two leaves a retry that skips that epoch's report (a gap in
+# its intermediate values) or, after the last epoch, finishes with one value too few. Observed on this branch
+# (2026-11-27, with --runxfail): retries with intermediate values {0, 2} of a 3-epoch trial, and a 2-value curve.
+# Lead: drop the xfail once the section-1 branch is merged, and run it with -m slow.
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue #7 section 1: checkpoint saved before the report (fixed on the resume branch)",
+                   strict=False)
+def test_chaos_sqlite_kill_between_checkpoint_and_report(tmp_path: Path):
+    chaos = Chaos(workers=3, n_trials=12, kills=3, min_kills=2, kill_every=2, kill_for=60, sleep_before_report=True)
+    storage = "sqlite:///chaos.db"
+    killed = run_chaos(storage, tmp_path, chaos)
+    check_end_state(storage, chaos, killed)

@@ -21,20 +21,27 @@ def install() -> None:
     _fit = objective.fit
     _make_objective = objective.make_objective
 
-    def slow_fit(*args, on_epoch=None, **kwargs):
-        def slow(epoch, result):
-            # The sleep stands in for the next epoch's training, so it comes after this epoch's report.
-            # CHAOS_SLEEP_BEFORE_REPORT=1 sleeps between fit's checkpoint and the report instead: it widens
-            # that gap from milliseconds to seconds, so kills land in it (issue #7 section 1 closes the gap).
-            before = os.environ.get("CHAOS_SLEEP_BEFORE_REPORT") == "1"
+    def slow_fit(*args, on_epoch=None, on_checkpoint=None, **kwargs):
+        # The sleep stands in for the next epoch's training, so it comes after this epoch's report and checkpoint.
+        # CHAOS_SLEEP_BEFORE_REPORT=1 sleeps between the epoch's training and its report instead: kills land
+        # there, where neither the report nor the checkpoint of that epoch has happened.
+        before = os.environ.get("CHAOS_SLEEP_BEFORE_REPORT") == "1"
+        seconds = float(os.environ.get("CHAOS_EPOCH_SECONDS", "1"))
+
+        def report(epoch, result):
             if before:
-                time.sleep(float(os.environ.get("CHAOS_EPOCH_SECONDS", "1")))
+                time.sleep(seconds)
             if on_epoch is not None:
                 on_epoch(epoch, result)
-            if not before:
-                time.sleep(float(os.environ.get("CHAOS_EPOCH_SECONDS", "1")))
+            if on_checkpoint is None and not before:
+                time.sleep(seconds)
 
-        return _fit(*args, on_epoch=slow, **kwargs)
+        def checkpoint(state):
+            on_checkpoint(state)
+            if not before:
+                time.sleep(seconds)
+
+        return _fit(*args, on_epoch=report, on_checkpoint=None if on_checkpoint is None else checkpoint, **kwargs)
 
     def tagged_objective(*args, **kwargs):
         inner = _make_objective(*args, **kwargs)

@@ -104,7 +104,9 @@ def test_a_checkpoint_goes_through_the_store_from_a_terminated_run_to_its_resume
     assert resumed.user_attrs["resumed_after_epoch"] == 1
     assert resumed.user_attrs["val_accuracy"][:2] == [dead.intermediate_values[0], dead.intermediate_values[1]]
     if client is not None:
-        assert _keys(client, "team/runs/") == []  # removed once the trial's final state was stored
+        # The checkpoint is removed once the trial's final state was stored; the trial's PNGs (hpsearch.explain) stay.
+        assert _keys(client, "team/runs/checkpoints/") == []
+        assert len(_keys(client, "team/runs/")) == 2
     else:
         assert not (tmp_path / "shared-artifacts" / checkpoint).exists()
 

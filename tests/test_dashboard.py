@@ -164,11 +164,11 @@ def test_no_artifacts_uploads_nothing(run_cli: Any, write_study: Any, tmp_path: 
 
 def test_workers_pass_no_artifacts_on() -> None:
     slot = Slot(device="cpu", threads=1, cpus=None)
-    cmd = worker_command("s", slot, storage="sqlite:///x.db", n_trials=None, timeout=None, data_dir=None,
-                         cache_dir=None, compile=False, no_artifacts=True)
+    cmd = worker_command("s", slot, n_trials=None, timeout=None, data_dir=None, cache_dir=None, compile=False,
+                         no_artifacts=True)
     assert cmd[-1] == "--no-artifacts"
-    assert "--no-artifacts" not in worker_command("s", slot, storage="sqlite:///x.db", n_trials=None, timeout=None,
-                                                  data_dir=None, cache_dir=None, compile=False)
+    assert "--no-artifacts" not in worker_command("s", slot, n_trials=None, timeout=None, data_dir=None,
+                                                  cache_dir=None, compile=False)
 
 
 def test_summarize_counts_params_macs_and_frozen_layers() -> None:

@@ -151,7 +151,8 @@ def run_chaos(storage: str, cwd: Path, chaos: Chaos) -> dict[int, FrozenTrial]:
 def describe(trials: list[FrozenTrial]) -> str:
     return "\n".join(f"trial {t.number}: {t.state.name} epochs={len(t.intermediate_values)} "
                      f"pid={t.user_attrs.get(PID_ATTR)} retry_history={t.system_attrs.get('retry_history')} "
-                     f"resumed_after_epoch={t.user_attrs.get('resumed_after_epoch')} iv={t.intermediate_values} va={t.user_attrs.get('val_accuracy')} ck={t.user_attrs.get('checkpoint')}" for t in trials)
+                     f"resumed_after_epoch={t.user_attrs.get('resumed_after_epoch')} reported={t.intermediate_values} "
+                     f"val_accuracy={t.user_attrs.get('val_accuracy')}" for t in trials)
 
 
 def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) -> None:

@@ -277,7 +277,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
             display.trial_end(study, trial)
 
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
-                             on_trial_end=on_trial_end, on_storage_error=_storage_error)
+                             on_trial_end=on_trial_end, on_storage_error=_storage_error,
+                             on_taken_over=_taken_over)
     term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     if summary:
         console.print(summary_table(study))
@@ -301,6 +302,11 @@ def _save_study_note(study: optuna.Study, spec: StudySpec, *, explain: bool) -> 
     from hpsearch.explain import save_study_note
 
     save_study_note(study, spec, artifacts=study.user_attrs.get(artifacts.ARTIFACTS_ATTR) if explain else None)
+
+
+def _taken_over() -> None:
+    err_console.print("warning: this worker's trial was failed as stale while the database was out of reach; its retry "
+                      "resumes it from its checkpoint; going on", soft_wrap=True)
 
 
 def _storage_error(error: BaseException, retry_in: float) -> None:

@@ -239,6 +239,7 @@ def run_trials(
     timeout: float | None,
     on_trial_end: Any = None,
     on_storage_error: Any = None,
+    on_taken_over: Any = None,
 ) -> RunOutcome:
     """Runs until the study holds ``n_trials`` finished (complete + pruned) trials, all workers counted,
     or ``timeout`` seconds pass. Every worker stops at the total; up to one trial per extra worker may
@@ -308,6 +309,13 @@ def run_trials(
             outcome.interrupted = True  # Optuna has already marked the running trial FAIL
             break
         except Exception as e:
+            if _taken_over(e):
+                # This worker was cut off from the database past the heartbeat grace period (an outage), so another
+                # worker failed its trial as stale and queued the retry, which resumes from the trial's checkpoint;
+                # storing this worker's result is refused. Nothing is lost: go on with the next trial.
+                if on_taken_over is not None:
+                    on_taken_over()
+                continue
             if not _lost_database(e):
                 raise
             outage_start = outage_start or time.monotonic()
@@ -337,6 +345,11 @@ def _lost_database(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _taken_over(e: BaseException) -> bool:
+    """Optuna's refusal to store the result of a trial that another worker has failed as stale meanwhile."""
+    return isinstance(e, ValueError) and str(e).startswith("Cannot tell a FAIL trial")
 
 
 def _count_or_none(study: optuna.Study) -> int | None:

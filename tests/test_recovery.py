@@ -200,3 +200,25 @@ def test_workers_parent_forwards_sigterm_to_its_workers(write_study, tmp_path: P
     assert out.count("terminated (SIGTERM): trial ") == 2  # one line from each worker, relayed
     trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     assert sorted(t.state.name for t in trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]
+
+
+def test_a_trial_failed_as_stale_while_its_worker_was_cut_off_does_not_end_the_run(tmp_path: Path):
+    """Seen in the chaos test's PostgreSQL restart: a worker's heartbeats fail during the outage, another worker
+    fails its trial as stale (and queues the retry), and when the first worker finishes the trial Optuna refuses
+    to store its result ("Cannot tell a FAIL trial"). The worker says so and goes on with the next trial."""
+    from hpsearch.study import run_trials
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    other_worker = optuna.load_study(storage=url, study_name="s")
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            other_worker.tell(trial.number, state=TrialState.FAIL)  # what a stale-trial check elsewhere does
+        return trial.suggest_float("x", 0, 1)
+
+    taken_over: list[bool] = []
+    outcome = run_trials(study, objective, n_trials=2, timeout=None, on_taken_over=lambda: taken_over.append(True))
+    assert taken_over == [True]
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert not outcome.interrupted and outcome.error is None

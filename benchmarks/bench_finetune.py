@@ -8,7 +8,7 @@ reported separately from its per-epoch time.
 Run (heavy: hold the shared CPU lock):
   flock /tmp/hpsearch-cpu.lock .venv/bin/python benchmarks/bench_finetune.py
   flock /tmp/hpsearch-cpu.lock .venv/bin/python benchmarks/bench_finetune.py --weights /tmp/resnet50-imagenet.pth \
-      --dataset mnist --data-dir /work/shared/datasets --train-fraction 0.05 --val-fraction 0.05
+      --dataset mnist --data-dir ../shared/datasets --train-fraction 0.05 --val-fraction 0.05
 Without --weights a seeded random state_dict stands in (speed does not depend on the weight values).
 """
 

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from hpsearch import artifacts, results, signals
+from hpsearch import results, signals
 from hpsearch._display import RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
@@ -207,6 +207,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
          compile: bool = False, summary: bool = True, artifacts_location: str | None = None,
          keep_checkpoints: int = 0, no_artifacts: bool = False) -> None:
+    from hpsearch import artifacts
     from hpsearch import data as datasets
     from hpsearch.devices import configure_threads, resolve_device
     from hpsearch.launch import launch
@@ -299,9 +300,10 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
 def _save_study_note(study: optuna.Study, spec: StudySpec, *, explain: bool) -> None:
     """The study's note for optuna-dashboard: its study file, strategy, dataset (and artifact store, if used)."""
+    from hpsearch.artifacts import ARTIFACTS_ATTR
     from hpsearch.explain import save_study_note
 
-    save_study_note(study, spec, artifacts=study.user_attrs.get(artifacts.ARTIFACTS_ATTR) if explain else None)
+    save_study_note(study, spec, artifacts=study.user_attrs.get(ARTIFACTS_ATTR) if explain else None)
 
 
 def _taken_over() -> None:
@@ -570,6 +572,8 @@ def delete(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete a study, its trials and its checkpoints."""
+    from hpsearch import artifacts  # here: optuna.artifacts imports boto3 where installed (0.1 s)
+
     rdb = open_storage(storage, create=False)
     study = load_existing(rdb, name)
     n = len(study.get_trials(deepcopy=False))

@@ -15,7 +15,6 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch.artifacts import new_study_id
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that only read need neither
     from hpsearch.spec import StudySpec
@@ -138,6 +137,8 @@ def _with_dead_trials(base: type[optuna.pruners.BasePruner]) -> Any:
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False,
                dead: DeadTrialRule | None = None) -> optuna.Study:
     """Creates the study (storing the spec, enqueueing [[enqueue]]) or resumes it, refusing a changed file."""
+    from hpsearch.artifacts import new_study_id  # here, not at the top: optuna.artifacts imports boto3 (0.1 s)
+
     created = False
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize",

@@ -38,7 +38,7 @@ from hpsearch.train import BatchPrep, Built, TrainConfig, evaluate, fit  # noqa:
 TRAIN, VAL, CLASSES = 45_000, 5_000, 10
 CONFIG = TrainConfig(epochs=1, batch_size=64, optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9)
 BASE_CNN = ScratchConfig(channels=(6, 16), kernel_size=5, padding=0, stride=1, pool="max", pool_kernel=2,
-                         batch_norm=False, fc_widths=(120, 84), dropout=0.0, train=CONFIG)
+                         pool_after="each", batch_norm=False, fc_widths=(120, 84), dropout=0.0, train=CONFIG)
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
@@ -99,7 +99,7 @@ def main() -> None:
     result.seconds_per_epoch = result.seconds_per_epoch * 10
     with tempfile.TemporaryDirectory() as tmp:
         study = optuna.create_study(storage=f"sqlite:///{tmp}/bench.db", direction="maximize")
-        store = open_artifact_store(Path(tmp) / "artifacts")
+        store = open_artifact_store(str(Path(tmp) / "artifacts"))
         explainer = TrialExplainer(store, base(), info, device=device)
         explainer.observe(result)
 

@@ -87,7 +87,7 @@ def as_data(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Data:
 
 TRAIN = TrainConfig(epochs=1, batch_size=BATCH, optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9)
 BASE_CNN = ScratchConfig(channels=(6, 16), kernel_size=5, padding=0, stride=1, pool="max", pool_kernel=2,
-                         batch_norm=False, fc_widths=(120, 84), dropout=0.0, train=TRAIN)
+                         pool_after="each", batch_norm=False, fc_widths=(120, 84), dropout=0.0, train=TRAIN)
 
 
 def base_cnn(info: DataInfo) -> Built:

@@ -109,7 +109,8 @@ def learning_curve_png(result: FitResult, path: Path) -> None:
         ax2.axvline(result.best_epoch + 1, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(epochs)
     ax.set_title("learning curve")
-    fig.tight_layout()
+    # Fixed margins, not tight_layout: measuring every label for the layout took half of the figure's ~110 ms.
+    fig.subplots_adjust(left=0.12, bottom=0.15, right=0.87, top=0.9)
     fig.savefig(path, format="png")
 
 
@@ -133,7 +134,8 @@ def confusion_png(counts: list[list[int]], classes: tuple[str, ...], path: Path,
             for j, c in enumerate(row):
                 ax.text(j, i, str(c), ha="center", va="center", fontsize=8,
                         color="white" if c > top / 2 else "black")
-    fig.tight_layout()
+    # Fixed margins that fit names as long as CIFAR-10's "automobile" (tight_layout: 190 ms against 107 ms).
+    fig.subplots_adjust(left=0.19, bottom=0.19, right=0.97, top=0.94)
     fig.savefig(path, format="png")
 
 

@@ -27,4 +27,4 @@ test: install
 
 lint: install
 	$(BIN)/ruff check hpsearch tests benchmarks
-	$(BIN)/mypy hpsearch
+	$(BIN)/mypy hpsearch benchmarks  # benchmarks too: they build configs by hand and would rot unseen

@@ -27,6 +27,19 @@ batch_size = [32, 64]
 optimizer = ["adam", "sgd"]
 """
 
+# One configuration, a few tens of milliseconds per epoch: tests of the run's machinery (signals, checkpoints,
+# stores), not of the search.
+ONE_CONFIG_SPACE = """
+[space]
+conv_layers = 1
+channels = 4
+padding = "same"
+stride = 1
+fc_layers = 1
+batch_size = 32
+optimizer = "adam"
+"""
+
 
 def study_text(name: str = "tiny", *, epochs: int = 2, n_trials: int = 3, extra: str = "", space: str = TINY_SPACE,
                dataset: str = TINY) -> str:

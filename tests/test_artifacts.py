@@ -14,18 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch import artifacts
-from tests.conftest import study_text
+from tests.conftest import ONE_CONFIG_SPACE, study_text
 
-SPACE = """
-[space]
-conv_layers = 1
-channels = 4
-padding = "same"
-stride = 1
-fc_layers = 1
-batch_size = 32
-optimizer = "adam"
-"""
+SPACE = ONE_CONFIG_SPACE
 STORAGE = "sqlite:///hpsearch.db"
 _REPORT = optuna.Trial.report
 

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import spawn_cli, study_text
+from tests.conftest import ONE_CONFIG_SPACE, spawn_cli, study_text
 
 FAST_HEARTBEAT = {"HPSEARCH_HEARTBEAT_SECONDS": "1", "HPSEARCH_GRACE_SECONDS": "2"}
 # Big enough that one epoch takes a noticeable fraction of a second on a CPU.
@@ -142,16 +142,7 @@ def _wait_for_epoch(proc, storage: str, *, running: int = 1, epochs: int = 1) ->
 
 
 # Epochs of a few tens of milliseconds: the SIGTERM tests measure the signal path, not training.
-TINY_FIXED = """
-[space]
-conv_layers = 1
-channels = 4
-padding = "same"
-stride = 1
-fc_layers = 1
-batch_size = 32
-optimizer = "adam"
-"""
+TINY_FIXED = ONE_CONFIG_SPACE
 
 
 @pytest.mark.slow  # two real processes (~1 min on a shared 2-core machine); test_artifacts has an in-process one

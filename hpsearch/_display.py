@@ -46,7 +46,7 @@ class RunDisplay:
         best = _best_value(study)
         value = "" if trial.value is None else f"{trial.value:.4f}"
         if trial.state == TrialState.PRUNED:
-            why = trial.user_attrs.get("rejected") or trial.user_attrs.get("diverged") or trial.user_attrs.get("dead")
+            why = next((trial.user_attrs[k] for k in PRUNE_REASONS if k in trial.user_attrs), None)
             epochs = len(trial.intermediate_values)
             value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
         elif trial.state == TrialState.FAIL:
@@ -70,14 +70,15 @@ class RunDisplay:
 
 
 # How a trial ended, for the budget line: pruned trials split by why (dead: at chance; rejected: never trained).
-ENDINGS = ("complete", "pruned", "dead", "diverged", "rejected", "failed")
+ENDINGS = ("complete", "pruned", "dead", "over_cost", "diverged", "rejected", "failed")
+PRUNE_REASONS = ("rejected", "dead", "over_cost", "diverged")  # user attrs that say why a trial was pruned
 
 
 def _ending(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return "complete"
     if trial.state == TrialState.PRUNED:
-        for why in ("rejected", "dead", "diverged"):
+        for why in PRUNE_REASONS:
             if why in trial.user_attrs:
                 return why
         return "pruned"

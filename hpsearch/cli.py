@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hpsearch import results, signals
-from hpsearch._display import RunDisplay, summary_table
+from hpsearch._display import PRUNE_REASONS, RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
@@ -457,8 +457,7 @@ def _trial_row(t: optuna.trial.FrozenTrial, tested: dict[int, Any] | None = None
         "seconds_per_epoch": t.user_attrs.get("seconds_per_epoch"),
         "param_count": t.user_attrs.get("param_count"),
         "device": t.user_attrs.get("device"),
-        "note": (t.user_attrs.get("rejected") or t.user_attrs.get("diverged") or t.user_attrs.get("dead")
-                 or t.user_attrs.get("error")),
+        "note": next((t.user_attrs[k] for k in (*PRUNE_REASONS, "error") if k in t.user_attrs), None),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         **results.test_columns((tested or {}).get(t.number)),

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from hpsearch import artifacts, signals
 from hpsearch._errors import HpsearchError
 from hpsearch.data import Data, Split
-from hpsearch.explain import TrialExplainer
+from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
@@ -96,6 +96,16 @@ def make_objective(
         trial.set_user_attr("trainable_param_count",
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
         trial.set_user_attr("device", str(device))
+        if spec.max_flops is not None:
+            # Cost cap, before any training: multiply-accumulates of one image through the model. Stored like a
+            # rejected architecture: pruned for TPE, not counted toward n_trials.
+            size = built.input_size or (data.info.height, data.info.width)
+            macs = summarize(built.model, channels=data.info.channels, size=size).macs
+            trial.set_user_attr("macs", macs)
+            if macs > spec.max_flops:
+                why = f"{macs:,} MACs per image, over max_flops = {spec.max_flops:,}"
+                trial.set_user_attr("rejected", why)
+                raise optuna.TrialPruned(f"rejected before training: {why}")
         explainer = TrialExplainer(store, built, data.info, device=device) if explain and store is not None else None
 
         # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
@@ -125,6 +135,11 @@ def make_objective(
             trial.set_user_attr("best_epoch", result.best_epoch)
             if progress is not None:
                 progress(trial.number, epoch, config.train.epochs, value)
+            seconds, cap = result.seconds_per_epoch[-1], spec.max_seconds_per_epoch
+            if cap is not None and seconds > cap:  # cost cap: its value is reported, the rest is not paid for
+                over = f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}"
+                trial.set_user_attr("over_cost", over)
+                raise optuna.TrialPruned(over)
             if trial.should_prune():
                 why = None if dead is None else dead.reason(epoch, value)
                 if why is not None:

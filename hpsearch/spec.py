@@ -48,7 +48,8 @@ _PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
                   "reduction_factor": (int, 2, None)},
 }
 PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}
-TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "val_fraction", "train_fraction",
+TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "max_seconds_per_epoch", "max_flops",
+            "val_fraction", "train_fraction",
             "sampler", "pruner", "seed", "space", "enqueue")
 BUDGET_KEYS = ("n_trials", "timeout")  # may change between runs of the same study without --force
 
@@ -61,6 +62,8 @@ class StudySpec:
     epochs: int
     n_trials: int | None
     timeout: float | None
+    max_seconds_per_epoch: float | None  # cost cap: a trial whose epoch takes longer is pruned after it
+    max_flops: int | None  # cost cap: MACs per image; a model above it is rejected before training
     val_fraction: float
     train_fraction: float
     sampler: dict[str, Any]  # {"type": ..., knobs...}
@@ -127,6 +130,9 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     timeout = float(_number(data, "timeout", (int, float), 1, None, fail)) if "timeout" in data else None
     if n_trials is None and timeout is None:
         raise SpecError(f"{where}: give n_trials and/or timeout (seconds): without either a study never ends")
+    max_seconds = (float(_number(data, "max_seconds_per_epoch", (int, float), 0.001, None, fail))
+                   if "max_seconds_per_epoch" in data else None)
+    max_flops = _number(data, "max_flops", int, 1, None, fail) if "max_flops" in data else None
     val_fraction = data.get("val_fraction", 0.1)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
         raise fail("val_fraction", val_fraction, "must be a number with 0 < val_fraction < 1")
@@ -172,7 +178,8 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
 
     return StudySpec(
         name=name, dataset=dataset, strategy=strategy, epochs=epochs, n_trials=n_trials, timeout=timeout,
-        val_fraction=val_fraction, train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
+        max_seconds_per_epoch=max_seconds, max_flops=max_flops, val_fraction=val_fraction,
+        train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
         space_overrides=overrides, enqueue=tuple(enqueue), space=space,
     )
 

@@ -270,7 +270,7 @@ def run_trials(
                 outcome.no_trainable = (
                     f"{rejected_in_a_row} sampled architectures in a row were rejected before training (last: "
                     f"{trial.user_attrs['rejected']}); make the [space] fit the input size (fewer conv_layers, "
-                    "smaller kernel_size/stride/pool_kernel, or padding)")
+                    "smaller kernel_size/stride/pool_kernel, or padding) and max_flops, if set")
                 study.stop()
             return
         rejected_in_a_row = 0

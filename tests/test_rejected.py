@@ -50,6 +50,6 @@ def test_a_space_of_rejections_only_ends_with_one_line(run_cli, write_study, mon
     assert result.err.strip() == (
         "error: tiny: 5 sampled architectures in a row were rejected before training (last: conv block 1 "
         "(kernel 7, padding 0, stride 1) shrinks the 12x12 input below 1x1); make the [space] fit the input size "
-        "(fewer conv_layers, smaller kernel_size/stride/pool_kernel, or padding)")
+        "(fewer conv_layers, smaller kernel_size/stride/pool_kernel, or padding) and max_flops, if set")
     trials = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
     assert len(trials) == 5 and all("rejected" in t.user_attrs for t in trials)

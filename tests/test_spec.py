@@ -16,7 +16,8 @@ GOOD = study_text()
 # (description, study file text, message after "<file>: ")
 BAD_CASES = [
     ("unknown key", GOOD.replace('strategy = "scratch"', 'strategy = "scratch"\nepoch = 3'),
-     "unknown key 'epoch'; allowed: name, dataset, strategy, epochs, n_trials, timeout, val_fraction, "
+     "unknown key 'epoch'; allowed: name, dataset, strategy, epochs, n_trials, timeout, max_seconds_per_epoch, "
+     "max_flops, val_fraction, "
      "train_fraction, sampler, pruner, seed, space, enqueue"),
     ("missing key", GOOD.replace('strategy = "scratch"\n', ""), "missing required key 'strategy'"),
     ("epochs wrong type", GOOD.replace("epochs = 2", 'epochs = "2"'),

@@ -26,24 +26,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.storage import MAX_RETRY
 from tests.chaos_worker import PID_ATTR
-from tests.conftest import study_text
+from tests.conftest import ONE_CONFIG_SPACE, study_text
 from tests.test_services import pg_url  # noqa: F401  (fixture)
 
 WORKER = Path(__file__).with_name("chaos_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Fixed: nothing is rejected or pruned, so every trial trains all its epochs.
-SPACE = """
-[space]
-conv_layers = 1
-channels = 4
-padding = "same"
-stride = 1
-fc_layers = 1
-fc_width = 16
-batch_size = 64
-optimizer = "adam"
-"""
+SPACE = ONE_CONFIG_SPACE.replace("batch_size = 32", "batch_size = 64") + "fc_width = 16\n"
 
 
 @dataclass(frozen=True)

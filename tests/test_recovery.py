@@ -32,18 +32,7 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(write_st
                                        dataset='dataset = "synthetic:size=24,train=1200"'))
     storage = "sqlite:///hpsearch.db"
     victim = spawn_cli("run", str(path), cwd=tmp_path, env=FAST_HEARTBEAT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=storage).get_trials()
-        except KeyError:
-            continue
-        if trials and len(trials[0].intermediate_values) >= 2:  # so epoch 0's checkpoint is surely saved
-            break
-    else:
-        victim.kill()
-        raise AssertionError(f"no epoch finished in time: {victim.communicate()}")
+    _wait_for_epoch(victim, storage, epochs=2)  # 2 reported: epoch 0's checkpoint (written after its report) exists
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     dead = optuna.load_study(study_name="tiny", storage=storage).trials[0]

@@ -89,7 +89,10 @@ def make_objective(
             trial.set_user_attr("rejected", str(e))
             raise optuna.TrialPruned(f"rejected before training: {e}") from None
         trial.set_user_attr("config", asdict(config))
-        seed = trial_seed(spec.seed, trial.number)
+        # A retry is the same run as the dead trial it replaces (the first of its chain): same seed, so an epoch it
+        # trains again (killed after that epoch's report, before its checkpoint) gives the value already reported.
+        retried = retried_from(trial)
+        seed = trial_seed(spec.seed, trial.number if retried is None else retried)
         torch.manual_seed(seed)  # weight initialisation
         built = strategy.build(config, data.info)
         trial.set_user_attr("param_count", sum(p.numel() for p in built.model.parameters()))
@@ -113,7 +116,6 @@ def make_objective(
         checkpoint: str | None = None
         resume: dict[str, Any] | None = None
         if store is not None:
-            retried = retried_from(trial)
             checkpoint = artifacts.checkpoint_id(artifacts.study_id(trial.study),
                                                  trial.number if retried is None else retried)
             if retried is not None:

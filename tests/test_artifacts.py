@@ -168,3 +168,27 @@ def test_kept_checkpoints_are_removed_with_their_study(run_cli, write_study, tmp
     assert [p.name for p in folder.iterdir()] == [f"trial-{study.best_trial.number}.pt"]  # the best one only
     assert run_cli("delete", "tiny", "--yes").code == 0
     assert list(folder.iterdir()) == []
+
+
+def test_a_retry_without_a_checkpoint_repeats_the_dead_trial_exactly(run_cli, write_study, monkeypatch):
+    """Killed after epoch 0's report but before its checkpoint: the retry trains from scratch, and must be the same
+    run as the dead trial (its seed), or the epoch it trains again disagrees with the value already reported."""
+    text = study_text(n_trials=1, epochs=3, extra='pruner = "none"', space=SPACE)
+    assert run_cli("run", str(write_study("plain.toml", text=text.replace('"tiny"', '"plain"')))).code == 0
+    plain = optuna.load_study(study_name="plain", storage=STORAGE).trials[0]
+
+    def report_then_sigterm(self: optuna.Trial, value: float, at: int) -> None:
+        _REPORT(self, value, at)
+        if self.number == 0 and at == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(optuna.Trial, "report", report_then_sigterm)
+    path = write_study(text=text)
+    assert run_cli("run", str(path)).code == 143
+    monkeypatch.setattr(optuna.Trial, "report", _REPORT)
+    assert run_cli("run", str(path)).code == 0
+    dead, retry = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert "resumed_after_epoch" not in retry.user_attrs  # nothing to resume from: trained from scratch
+    assert retry.user_attrs["train_loss"] == plain.user_attrs["train_loss"]
+    assert retry.intermediate_values == plain.intermediate_values

@@ -22,7 +22,7 @@ from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
 from hpsearch.study import DeadTrialRule
-from hpsearch.train import Diverged, FitResult, fit
+from hpsearch.train import Diverged, FitResult, estimate_epoch_seconds, fit
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
 Progress = Callable[[int, int, int, float], None]
@@ -109,6 +109,15 @@ def make_objective(
                 why = f"{macs:,} MACs per image, over max_flops = {spec.max_flops:,}"
                 trial.set_user_attr("rejected", why)
                 raise optuna.TrialPruned(f"rejected before training: {why}")
+        cap = spec.max_seconds_per_epoch
+        if cap is not None and built.precomputed is None:  # (a cached trunk's epoch costs a fraction of this)
+            # Cost cap, before any training: seconds per epoch from a few timed steps (an estimate that errs low).
+            estimate = estimate_epoch_seconds(built, data, config.train, device)
+            trial.set_user_attr("estimated_seconds_per_epoch", round(estimate, 3))
+            if estimate > cap:
+                why = f"estimated {estimate:.1f} s per epoch from timed steps, over max_seconds_per_epoch = {cap:g}"
+                trial.set_user_attr("rejected", why)
+                raise optuna.TrialPruned(f"rejected before training: {why}")
         explainer = TrialExplainer(store, built, data.info, device=device) if explain and store is not None else None
 
         # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
@@ -137,7 +146,7 @@ def make_objective(
             trial.set_user_attr("best_epoch", result.best_epoch)
             if progress is not None:
                 progress(trial.number, epoch, config.train.epochs, value)
-            seconds, cap = result.seconds_per_epoch[-1], spec.max_seconds_per_epoch
+            seconds = result.seconds_per_epoch[-1]
             if cap is not None and seconds > cap:  # cost cap: its value is reported, the rest is not paid for
                 over = f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}"
                 trial.set_user_attr("over_cost", over)

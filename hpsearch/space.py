@@ -50,7 +50,23 @@ class Fixed:
     value: Scalar
 
 
-Dim = Categorical | IntRange | FloatRange | Fixed
+@dataclass(frozen=True)
+class PerChoice:
+    """A range that depends on the value an earlier key took in the same trial: the learning rate per optimizer
+    (Adam wants ~1e-3, SGD ~1e-2..1e-1). The parameter keeps its one name (``lr``), so enqueued rows, report files
+    and exports read as before; Optuna allows one name with different ranges (TPE samples it independently)."""
+
+    key: str  # the earlier key (sampled first), e.g. "optimizer"
+    dims: tuple[tuple[Scalar, FloatRange | IntRange], ...]  # (that key's value, range) pairs
+
+    def dim_for(self, value: Any) -> FloatRange | IntRange:
+        for choice, dim in self.dims:
+            if choice == value:
+                return dim
+        raise KeyError(f"{self.key} = {value!r} has no range")
+
+
+Dim = Categorical | IntRange | FloatRange | Fixed | PerChoice
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,8 @@ class Space:
     def suggest(self, trial: optuna.Trial, key: str, index: int | str | None = None) -> Any:
         dim = self.dims[key]
         name = key if index is None else f"{key}_{index}"
+        if isinstance(dim, PerChoice):
+            dim = dim.dim_for(trial.params[dim.key])
         if isinstance(dim, Fixed):
             # A fixed value is still recorded as a (one-choice) parameter: every trial's params are complete.
             return trial.suggest_categorical(name, [dim.value])
@@ -185,21 +203,26 @@ class Space:
         key, param = found
         value = param.check_value(value)
         dim = self.dims[key]
-        inside = (
-            value == dim.value
-            if isinstance(dim, Fixed)
-            else value in dim.choices
-            if isinstance(dim, Categorical)
-            else dim.low <= value <= dim.high
-        )
-        if not inside:
+        # A row's value is checked against every range of a PerChoice (the row's other keys are checked apart).
+        dims = [d for _, d in dim.dims] if isinstance(dim, PerChoice) else [dim]
+        if not any(_inside(value, d) for d in dims):
             raise ValueError(f"is outside this study's space for {key!r}: {describe(dim)}")
 
     def describe(self) -> dict[str, str]:
         return {key: describe(dim) for key, dim in self.dims.items()}
 
 
+def _inside(value: Any, dim: Categorical | IntRange | FloatRange | Fixed) -> bool:
+    if isinstance(dim, Fixed):
+        return bool(value == dim.value)
+    if isinstance(dim, Categorical):
+        return value in dim.choices
+    return dim.low <= value <= dim.high
+
+
 def describe(dim: Dim) -> str:
+    if isinstance(dim, PerChoice):
+        return "; ".join(f"{dim.key} {_fmt(choice)}: {describe(d)}" for choice, d in dim.dims)
     if isinstance(dim, Fixed):
         return _fmt(dim.value)
     if isinstance(dim, Categorical):

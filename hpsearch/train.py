@@ -6,6 +6,7 @@ normalisation fused into the batch step, evaluation under inference_mode, one ho
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -268,6 +269,39 @@ def fit(
                 "rng": _rng_states(generator, device), "result": asdict(result),
             })
     return result
+
+
+def estimate_epoch_seconds(built: Built, data: Data, config: TrainConfig, device: torch.device, *,
+                           steps: int = 3) -> float:
+    """The seconds one training epoch of ``config`` will take, from ``steps`` timed training steps (after one
+    untimed warm-up step) on a copy of the model with the real first batch and its augmentation: what the cost cap
+    checks before a trial trains. Validation and the optimizer's own update (SGD stands in for all) are not counted,
+    so it errs low: the cap refuses only what is surely over it, and the measured epoch time catches the rest.
+    The model, its parameters and every RNG are left as they were."""
+    model = copy.deepcopy(built.model).to(device).train()
+    if channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    prep = BatchPrep(data, built, device)
+    bs = min(config.batch_size, len(data.train))
+    x_raw, y = data.train.x[:bs], data.train.y[:bs]
+    generator = torch.Generator(device=device).manual_seed(0)
+    dtype = autocast_dtype(device)
+    seconds: list[float] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            x = prep(x_raw, config.augmentation, generator)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # host sync: the device has finished this step
+            seconds.append(time.perf_counter() - t0)
+    # The median of the timed steps (the first, with its allocations and autotuning, is left out): one step slowed
+    # by another process on a shared machine does not refuse a configuration.
+    return sorted(seconds[1:])[steps // 2] * (len(data.train) // bs)
 
 
 def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:

@@ -1,11 +1,21 @@
 """Cost caps from the study file: ``max_flops`` (MACs per image) refuses a model before it trains, stored like a
-rejected architecture; ``max_seconds_per_epoch`` prunes a trial after the epoch that took longer."""
+rejected architecture; ``max_seconds_per_epoch`` refuses a model whose epoch, estimated from a few timed steps, is
+over the cap, and prunes a trial after an epoch that took longer."""
 
 from __future__ import annotations
 
+import copy
+
 import optuna
+import pytest
+import torch
 from optuna.trial import TrialState
 
+from hpsearch import objective
+from hpsearch.data import load
+from hpsearch.space import resolve_space
+from hpsearch.strategies.scratch import PARAMS, build, suggest
+from hpsearch.train import estimate_epoch_seconds
 from tests.conftest import ONE_CONFIG_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
@@ -33,7 +43,8 @@ def test_a_model_over_max_flops_never_trains_and_does_not_count(run_cli, write_s
                                       for t in trained)  # rejections did not eat the budget of 2
 
 
-def test_a_trial_over_max_seconds_per_epoch_is_pruned_after_that_epoch(run_cli, write_study):
+def test_a_trial_over_max_seconds_per_epoch_is_pruned_after_that_epoch(run_cli, write_study, monkeypatch):
+    monkeypatch.setattr(objective, "estimate_epoch_seconds", lambda *a, **k: 0.0)  # the estimate lets it train
     path = write_study(text=study_text(n_trials=1, epochs=3, extra='max_seconds_per_epoch = 0.001\npruner = "none"',
                                        space=ONE_CONFIG_SPACE))
     result = run_cli("run", str(path))
@@ -53,3 +64,50 @@ def test_cost_caps_are_validated(run_cli, write_study):
     result = run_cli("run", str(write_study(extra='max_seconds_per_epoch = "fast"')))
     assert result.code == 2 and result.err.strip().endswith(
         'max_seconds_per_epoch = "fast" must be a number >= 0.001'), result
+
+
+def test_a_model_whose_estimated_epoch_is_over_the_cap_never_trains(run_cli, write_study, monkeypatch):
+    # The estimate is replaced by one proportional to the width, so the test does not hang on this machine's speed.
+    def estimate(built, data, config, device):
+        return sum(p.numel() for p in built.model.parameters()) / 1000
+    monkeypatch.setattr(objective, "estimate_epoch_seconds", estimate)
+    path = write_study(text=study_text(n_trials=2, extra='max_seconds_per_epoch = 8\npruner = "none"', space=CAPPED))
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    trials = _trials()
+    over = [t for t in trials if t.params["channels_0"] == 64]
+    assert over and over[0].number == 0  # the enqueued row
+    for t in over:
+        assert t.state == TrialState.PRUNED and t.intermediate_values == {} and "val_accuracy" not in t.user_attrs
+        assert t.user_attrs["rejected"] == (f"estimated {t.user_attrs['estimated_seconds_per_epoch']:.1f} s per "
+                                            "epoch from timed steps, over max_seconds_per_epoch = 8")
+    trained = [t for t in trials if t.params["channels_0"] == 4]
+    assert len(trained) == 2 and all(t.state == TrialState.COMPLETE for t in trained)  # not counted toward 2
+    assert all(t.user_attrs["estimated_seconds_per_epoch"] <= 8 for t in trained)
+
+
+def _tiny_cnn(channels: int, blocks: int, tmp_path):
+    space = resolve_space(PARAMS, {}, where="test")
+    params = {"conv_layers": blocks, **{f"channels_{i}": channels for i in range(blocks)}, "kernel_size": 3,
+              "padding": "same", "stride": 1, "pool": "none", "batch_norm": True, "fc_layers": 1,
+              "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+              "scheduler": "none", "batch_size": 64, "label_smoothing": 0.0, "augmentation": "base"}
+    data = load("synthetic:classes=3,size=24,train=640,test=32", data_dir=tmp_path, cache_dir=tmp_path,
+                device=torch.device("cpu"), val_fraction=0.1)
+    config = suggest(optuna.trial.FixedTrial(params), space, 1, data.info)
+    torch.manual_seed(0)
+    return build(config, data.info), data, config
+
+
+def test_the_epoch_estimate_grows_with_the_model_and_leaves_model_and_rngs_alone(tmp_path):
+    small, data, config = _tiny_cnn(4, 1, tmp_path)
+    large, _, large_config = _tiny_cnn(96, 3, tmp_path)  # ~1,000x the MACs of the small one
+    before = copy.deepcopy(large.model.state_dict())
+    rng = torch.get_rng_state()
+    cpu = torch.device("cpu")
+    fast = estimate_epoch_seconds(small, data, config.train, cpu)
+    slow = estimate_epoch_seconds(large, data, large_config.train, cpu)
+    assert 0 < fast < slow and slow > 5 * fast, (fast, slow)
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout/augmentation draws of the trial are not shifted
+    assert all(torch.equal(v, before[k]) for k, v in large.model.state_dict().items())  # incl. BatchNorm stats
+

@@ -88,3 +88,48 @@ def test_sgd_only_parameters_are_sampled_only_for_sgd():
     assert config.train.optimizer == "adam" and config.train.momentum == 0.0
     sgd = _config_for(BASE_CNN, CIFAR)
     assert sgd.train.momentum == 0.9
+
+
+def _sampled_lrs(space_overrides: dict[str, object], sampler: optuna.samplers.BaseSampler) -> dict[str, list[float]]:
+    """(optimizer -> sampled lrs) over 40 trials of the scratch space; each trial is told a value that favours SGD."""
+    space = resolve_space(PARAMS, space_overrides, where="test")
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    by_optimizer: dict[str, list[float]] = {"sgd": [], "adam": [], "adamw": []}
+    for _ in range(40):
+        trial = study.ask()
+        try:
+            config = suggest(trial, space, 1, CIFAR)
+        except Rejected:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        by_optimizer[config.train.optimizer].append(config.train.lr)
+        assert trial.params["lr"] == config.train.lr  # one parameter name, whatever the optimizer
+        study.tell(trial, float(config.train.optimizer == "sgd"))
+    return by_optimizer
+
+
+@pytest.mark.parametrize("sampler", [optuna.samplers.RandomSampler(seed=1),
+                                     optuna.samplers.TPESampler(seed=1, n_startup_trials=5)], ids=["random", "tpe"])
+def test_default_learning_rate_range_depends_on_the_sampled_optimizer(sampler: optuna.samplers.BaseSampler):
+    lrs = _sampled_lrs({}, sampler)
+    assert lrs["sgd"] and (lrs["adam"] or lrs["adamw"])
+    assert all(1e-3 <= lr <= 0.3 for lr in lrs["sgd"]), lrs["sgd"]
+    assert all(1e-4 <= lr <= 3e-3 for lr in lrs["adam"] + lrs["adamw"]), lrs["adam"] + lrs["adamw"]
+
+
+def test_a_study_files_lr_range_applies_to_every_optimizer():
+    lrs = _sampled_lrs({"lr": {"low": 0.02, "high": 0.05, "log": True}}, optuna.samplers.RandomSampler(seed=2))
+    assert lrs["adam"] + lrs["adamw"] and all(0.02 <= lr <= 0.05 for v in lrs.values() for lr in v)
+
+
+def test_enqueued_lr_is_checked_against_the_per_optimizer_ranges(write_study):
+    from hpsearch._errors import SpecError
+    from hpsearch.spec import load_spec
+    from tests.conftest import study_text
+
+    ok = write_study(text=study_text(space="") + '[[enqueue]]\noptimizer = "sgd"\nlr = 0.2\n')
+    assert load_spec(ok).enqueue[0]["lr"] == 0.2
+    bad = write_study(text=study_text(space="") + "[[enqueue]]\nlr = 0.5\n")
+    with pytest.raises(SpecError, match=r"enqueue\[0\]\.lr = 0\.5 is outside this study's space for 'lr': "
+                                        r"optimizer \"sgd\": 0\.001\.\.0\.3 log; optimizer \"adam\""):
+        load_spec(bad)

@@ -11,7 +11,7 @@ import optuna
 
 from hpsearch.augment import LEVELS
 from hpsearch.data import DataInfo
-from hpsearch.space import Categorical, Fixed, FloatRange, Param, Space
+from hpsearch.space import Categorical, Fixed, FloatRange, Param, PerChoice, Space
 from hpsearch.train import Built, TrainConfig
 
 
@@ -49,12 +49,22 @@ def check_milestones(value: str) -> None:
         raise ValueError("must list strictly increasing epoch numbers >= 1")
 
 
-def train_params(*, lr: tuple[float, float], batch_sizes: tuple[int, ...]) -> dict[str, Param]:
+# The default learning-rate range depends on the sampled optimizer, so that a sampled lr is plausible for it: one
+# range 1e-4..1e-1 for all three gave Adam trials at lr 0.085 that sat at chance for every epoch (issue #11). A
+# study file's `lr = {low, high}` (or a list) replaces this with one domain for every optimizer.
+LR_BY_OPTIMIZER = PerChoice("optimizer", (
+    ("sgd", FloatRange(1e-3, 0.3, log=True)),
+    ("adam", FloatRange(1e-4, 3e-3, log=True)),
+    ("adamw", FloatRange(1e-4, 3e-3, log=True)),
+))
+
+
+def train_params(*, batch_sizes: tuple[int, ...]) -> dict[str, Param]:
     """The training hyperparameters every strategy samples (optimizer, schedule, regularisation, batching)."""
     return {
         "optimizer": Param(Categorical(("sgd", "adam", "adamw")), str, "optimizer",
                            allowed=("sgd", "adam", "adamw")),
-        "lr": Param(FloatRange(*lr, log=True), float, "base learning rate", low=1e-7, high=10.0),
+        "lr": Param(LR_BY_OPTIMIZER, float, "base learning rate (default range per optimizer)", low=1e-7, high=10.0),
         "momentum": Param(FloatRange(0.0, 0.99), float, "SGD momentum (sgd only)", low=0.0, high=0.999),
         "nesterov": Param(Categorical((False, True)), bool, "Nesterov momentum (sgd only)"),
         "weight_decay": Param(FloatRange(1e-6, 1e-2, log=True), float, "weight decay", low=0.0, high=1.0),

@@ -73,7 +73,7 @@ PARAMS: dict[str, Param] = {
     "input_size": Param(Categorical((32, 64, 128, 224)), int, "square size images are resized to on the device",
                         low=16, high=512),
     # The LRs are head_lr/backbone_lr, one per parameter group: the shared "lr" key would mean nothing here.
-    **{k: v for k, v in train_params(lr=(1e-4, 1e-1), batch_sizes=(32, 64, 128)).items() if k != "lr"},
+    **{k: v for k, v in train_params(batch_sizes=(32, 64, 128)).items() if k != "lr"},
 }
 
 

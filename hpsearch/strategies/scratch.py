@@ -35,7 +35,7 @@ PARAMS: dict[str, Param] = {
     "fc_width": Param(IntRange(16, 1024, log=True), int, "width of each hidden linear layer", low=1, high=16384,
                       per="fc_layers"),
     "dropout": Param(FloatRange(0.0, 0.5), float, "dropout before each hidden linear layer", low=0.0, high=0.95),
-    **train_params(lr=(1e-4, 1e-1), batch_sizes=(64, 128, 256)),
+    **train_params(batch_sizes=(64, 128, 256)),
 }
 
 

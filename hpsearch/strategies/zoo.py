@@ -44,7 +44,7 @@ PARAMS: dict[str, Param] = {
     "stem": Param(Categorical(("imagenet", "cifar")), str,
                   "resnet18 stem: imagenet (7x7 stride-2 conv + max-pool) or cifar (3x3 stride-1 conv, no pool)",
                   allowed=("imagenet", "cifar")),
-    **train_params(lr=(1e-4, 1e-1), batch_sizes=(64, 128, 256)),
+    **train_params(batch_sizes=(64, 128, 256)),
 }
 
 

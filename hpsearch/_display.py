@@ -38,7 +38,7 @@ class RunDisplay:
 
     def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.datetime_start and trial.datetime_complete:
-            self.seconds[_ending(trial)] += (trial.datetime_complete - trial.datetime_start).total_seconds()
+            self.seconds[trial_ending(trial)] += (trial.datetime_complete - trial.datetime_start).total_seconds()
         trials = study.get_trials(deepcopy=False)
         rejected = sum(t.state == TrialState.PRUNED and "rejected" in t.user_attrs for t in trials)
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) - rejected
@@ -74,7 +74,7 @@ ENDINGS = ("complete", "pruned", "dead", "over_cost", "diverged", "rejected", "f
 PRUNE_REASONS = ("rejected", "dead", "over_cost", "diverged")  # user attrs that say why a trial was pruned
 
 
-def _ending(trial: optuna.trial.FrozenTrial) -> str:
+def trial_ending(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return "complete"
     if trial.state == TrialState.PRUNED:

@@ -99,10 +99,14 @@ def summary_table(study: optuna.Study) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("trials", ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c) or "none")
-    rejected = sum(t.state == TrialState.PRUNED and "rejected" in t.user_attrs for t in trials)
-    if rejected:
-        # Pruned before training: they cost no epochs and do not count toward n_trials.
-        table.add_row("rejected", f"{rejected} of the pruned (architecture shrinks below 1x1; not counted)")
+    reasons = [t.user_attrs["rejected"] for t in trials if t.state == TrialState.PRUNED and "rejected" in t.user_attrs]
+    if reasons:
+        # Pruned before training: they cost no epochs and do not count toward n_trials. The cost caps' reasons end
+        # "over max_flops = ..." / "over max_seconds_per_epoch = ..." (hpsearch.objective).
+        over_cap = sum(" over max_" in why for why in reasons)
+        kinds = [f"{n} {what}" for n, what in ((len(reasons) - over_cap, "architecture shrinks below 1x1"),
+                                               (over_cap, "over a cost cap")) if n]
+        table.add_row("rejected", f"{len(reasons)} of the pruned ({', '.join(kinds)}; not counted)")
     try:
         best = study.best_trial
     except ValueError:

@@ -30,8 +30,16 @@ def check_writable_dir(path: Path, *, option: str) -> None:
     permission bits are not enough, as root ignores them and a read-only mount refuses root too."""
     made = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".hpsearch-write-check-")
+        for attempt in range(5):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(dir=path, prefix=".hpsearch-write-check-")
+                break
+            except (FileNotFoundError, FileExistsError):
+                # Another worker starting beside this one removed the folders it made between our mkdir and our
+                # probe (the clean-up below): make them again.
+                if attempt == 4:
+                    raise
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -298,3 +298,28 @@ def test_a_worker_reads_the_storage_from_the_environment(tmp_path: Path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"study": "s"' in done.stdout
+
+
+def test_workers_starting_together_all_pass_the_cache_dir_check(tmp_path):
+    # Each check makes the missing folders and removes them again; a worker starting beside another used to find
+    # them gone between its mkdir and its probe ("cannot write ... (No such file or directory)").
+    import threading
+
+    from hpsearch._preflight import check_writable_dir
+
+    errors: list[Exception] = []
+    for round_ in range(20):
+        target = tmp_path / f"round{round_}" / "cache"
+
+        def check() -> None:
+            try:
+                check_writable_dir(target, option="--cache-dir")  # noqa: B023 (joined before the next round)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=check) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

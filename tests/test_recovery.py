@@ -62,7 +62,7 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(write_st
 
 
 def test_interrupted_run_leaves_no_running_trial(write_study, tmp_path: Path):
-    path = write_study(text=study_text(n_trials=1, epochs=30, extra='pruner = "none"', space=SPACE,
+    path = write_study(text=study_text(n_trials=1, epochs=500, extra='pruner = "none"', space=SPACE,
                                        dataset='dataset = "synthetic:size=24,train=2000"'))
     proc = spawn_cli("run", str(path), cwd=tmp_path)
     deadline = time.monotonic() + 120

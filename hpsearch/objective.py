@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import torch
@@ -45,6 +45,12 @@ def retried_from(trial: optuna.Trial) -> int | None:
 def chance_accuracy(split: Split) -> float:
     """The validation accuracy of always guessing the split's most common class."""
     return torch.bincount(split.y).max().item() / len(split)
+
+
+def _reject(trial: optuna.Trial, why: str) -> NoReturn:
+    """A configuration refused before training: pruned for TPE, not counted toward n_trials (``study.is_rejected``)."""
+    trial.set_user_attr("rejected", why)
+    raise optuna.TrialPruned(f"rejected before training: {why}")
 
 
 def make_objective(
@@ -106,18 +112,15 @@ def make_objective(
             macs = summarize(built.model, channels=data.info.channels, size=size).macs
             trial.set_user_attr("macs", macs)
             if macs > spec.max_flops:
-                why = f"{macs:,} MACs per image, over max_flops = {spec.max_flops:,}"
-                trial.set_user_attr("rejected", why)
-                raise optuna.TrialPruned(f"rejected before training: {why}")
+                _reject(trial, f"{macs:,} MACs per image, over max_flops = {spec.max_flops:,}")
         cap = spec.max_seconds_per_epoch
         if cap is not None and built.precomputed is None:  # (a cached trunk's epoch costs a fraction of this)
             # Cost cap, before any training: seconds per epoch from a few timed steps (an estimate that errs low).
             estimate = estimate_epoch_seconds(built, data, config.train, device)
             trial.set_user_attr("estimated_seconds_per_epoch", round(estimate, 3))
             if estimate > cap:
-                why = f"estimated {estimate:.1f} s per epoch from timed steps, over max_seconds_per_epoch = {cap:g}"
-                trial.set_user_attr("rejected", why)
-                raise optuna.TrialPruned(f"rejected before training: {why}")
+                _reject(trial, f"estimated {estimate:.1f} s per epoch from timed steps, over max_seconds_per_epoch = "
+                               f"{cap:g}")
         explainer = TrialExplainer(store, built, data.info, device=device) if explain and store is not None else None
 
         # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each

@@ -28,18 +28,23 @@ def _trials() -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
 
 
-def test_a_model_over_max_flops_never_trains_and_does_not_count(run_cli, write_study):
-    path = write_study(text=study_text(n_trials=2, extra='max_flops = 20000\npruner = "none"', space=CAPPED))
+def _run_capped(run_cli, write_study, cap: str):
+    """Runs 2 trials of CAPPED under ``cap``; returns the output and the 64-channel / 4-channel trials."""
+    path = write_study(text=study_text(n_trials=2, extra=f'{cap}\npruner = "none"', space=CAPPED))
     result = run_cli("run", str(path))
     assert result.code == 0, result
     trials = _trials()
     over = [t for t in trials if t.params["channels_0"] == 64]
     assert over and over[0].number == 0  # the enqueued row
+    return result, over, [t for t in trials if t.params["channels_0"] == 4]
+
+
+def test_a_model_over_max_flops_never_trains_and_does_not_count(run_cli, write_study):
+    _, over, trained = _run_capped(run_cli, write_study, "max_flops = 20000")
     for t in over:
         assert t.state == TrialState.PRUNED and t.intermediate_values == {}
         assert t.user_attrs["macs"] > 20000
         assert t.user_attrs["rejected"] == f"{t.user_attrs['macs']:,} MACs per image, over max_flops = 20,000"
-    trained = [t for t in trials if t.params["channels_0"] == 4]
     assert len(trained) == 2 and all(t.state == TrialState.COMPLETE and t.user_attrs["macs"] <= 20000
                                       for t in trained)  # rejections did not eat the budget of 2
 
@@ -72,17 +77,11 @@ def test_a_model_whose_estimated_epoch_is_over_the_cap_never_trains(run_cli, wri
     def estimate(built, data, config, device):
         return sum(p.numel() for p in built.model.parameters()) / 1000
     monkeypatch.setattr(objective, "estimate_epoch_seconds", estimate)
-    path = write_study(text=study_text(n_trials=2, extra='max_seconds_per_epoch = 8\npruner = "none"', space=CAPPED))
-    result = run_cli("run", str(path))
-    assert result.code == 0, result
-    trials = _trials()
-    over = [t for t in trials if t.params["channels_0"] == 64]
-    assert over and over[0].number == 0  # the enqueued row
+    result, over, trained = _run_capped(run_cli, write_study, "max_seconds_per_epoch = 8")
     for t in over:
         assert t.state == TrialState.PRUNED and t.intermediate_values == {} and "val_accuracy" not in t.user_attrs
         assert t.user_attrs["rejected"] == (f"estimated {t.user_attrs['estimated_seconds_per_epoch']:.1f} s per "
                                             "epoch from timed steps, over max_seconds_per_epoch = 8")
-    trained = [t for t in trials if t.params["channels_0"] == 4]
     assert len(trained) == 2 and all(t.state == TrialState.COMPLETE for t in trained)  # not counted toward 2
     assert all(t.user_attrs["estimated_seconds_per_epoch"] <= 8 for t in trained)
     flat = re.sub(r"[│\s]+", " ", result.out)  # the summary table may wrap a long cell

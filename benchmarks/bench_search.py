@@ -1,10 +1,11 @@
 """Search efficiency (issue #11): what test accuracy a study file buys in a fixed wall-clock budget.
 
     .venv/bin/python benchmarks/bench_search.py studies/mnist-scratch.toml --budget 900 \
-        --data-dir ../shared/datasets [--study-seeds 0 1] [--eval-seeds 3] [--top 1] [--out search.md]
+        --data-dir ../shared/datasets [--study-seeds 0 1] [--eval-seeds 3] [--top 1] [--out search.md] \
+        [--pruners file median successive-halving hyperband hyperband+dead]
 
-For each study seed, in a fresh SQLite database: `hpsearch run FILE --timeout BUDGET` with no trial-count limit
-(no trial starts after BUDGET seconds; the one running finishes), then `hpsearch evaluate NAME --top K --seeds S`
+For each pruner and study seed, in a fresh SQLite database: `hpsearch run FILE --timeout BUDGET` with no trial-count
+limit (no trial starts after BUDGET seconds; the one running finishes), then `hpsearch evaluate NAME --top K --seeds S`
 (the best configuration retrained on train+val for its best epoch count, then measured on the test split). The
 commands are the CLI a user runs, as subprocesses, so their start-up and data loading are part of the budget.
 
@@ -12,6 +13,10 @@ Printed per study seed (and their mean): best validation accuracy, test accuracy
 the evaluate seeds), trials complete / pruned / rejected before training / failed, the seconds spent in trials that
 ended at chance (best validation accuracy <= chance + the dead-trial margin, chance = 1 / --classes) and their share
 of the run, and the wall time of run and evaluate. Results are in benchmarks/README.md.
+
+``--pruners`` compares pruners side by side: each replaces the study file's ``pruner`` line (``file`` keeps it); the
+``+dead`` presets add dead-trial pruning, the others turn it off. Same study seeds for every pruner, so the enqueued
+and random start-up trials are the same and only the pruning differs.
 """
 
 from __future__ import annotations
@@ -39,9 +44,19 @@ from hpsearch.study import DEAD_MARGIN, is_rejected  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The pruners of the comparison (issue #11), with the knobs the shipped study files use.
+PRUNERS = {
+    "median": '{ type = "median", n_startup_trials = 2, n_warmup_steps = 1, dead_trial = false }',
+    "median+dead": '{ type = "median", n_startup_trials = 2, n_warmup_steps = 1 }',
+    "successive-halving": '{ type = "successive-halving", min_resource = 1, reduction_factor = 3, dead_trial = false }',
+    "hyperband": '{ type = "hyperband", min_resource = 1, reduction_factor = 3, dead_trial = false }',
+    "hyperband+dead": '{ type = "hyperband", min_resource = 1, reduction_factor = 3 }',
+}
+
 
 @dataclass
 class Outcome:
+    pruner: str
     seed: int
     run_seconds: float
     eval_seconds: float
@@ -57,15 +72,16 @@ class Outcome:
     test_std: float  # as `hpsearch evaluate` stores it
 
 
-def with_seed(text: str, seed: int) -> str:
-    """The study file's text with its top-level ``seed`` set (added before the first table if absent)."""
+def with_key(text: str, key: str, value: str) -> str:
+    """The study file's text with its top-level ``key = value`` (TOML) set, added before the first table if absent."""
     first_table = re.search(r"(?m)^\[", text)
     cut = first_table.start() if first_table else len(text)
     head, tail = text[:cut], text[cut:]
-    if re.search(r"(?m)^seed\s*=", head):
-        head = re.sub(r"(?m)^seed\s*=.*$", f"seed = {seed}", head, count=1)
+    line = f"{key} = {value}"
+    if re.search(rf"(?m)^{key}\s*=", head):
+        head = re.sub(rf"(?m)^{key}\s*=.*$", lambda _: line, head, count=1)
     else:
-        head = head.rstrip("\n") + f"\nseed = {seed}\n\n"
+        head = head.rstrip("\n") + f"\n{line}\n\n"
     return head + tail
 
 
@@ -77,10 +93,13 @@ def hpsearch(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def one_seed(args: argparse.Namespace, name: str, seed: int, work: Path) -> Outcome:
-    study_file = work / f"study-seed{seed}.toml"
-    study_file.write_text(with_seed(args.study_file.read_text(), seed))
-    db = work / f"search-seed{seed}.db"
+def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: Path) -> Outcome:
+    text = with_key(args.study_file.read_text(), "seed", str(seed))
+    if pruner != "file":
+        text = with_key(text, "pruner", PRUNERS[pruner])
+    study_file = work / f"study-{pruner}-seed{seed}.toml"
+    study_file.write_text(text)
+    db = work / f"search-{pruner}-seed{seed}.db"
     storage = f"sqlite:///{db}"
     common = ["--storage", storage, "--data-dir", str(args.data_dir), "--threads", str(args.threads)]
     run_seconds = hpsearch("run", str(study_file), "--timeout", str(args.budget), "--n-trials", "100000", *common)
@@ -95,7 +114,7 @@ def one_seed(args: argparse.Namespace, name: str, seed: int, work: Path) -> Outc
     best = study.best_trial
     stored = results.stored(study).get(best.number, {})
     return Outcome(
-        seed=seed, run_seconds=run_seconds, eval_seconds=eval_seconds,
+        pruner=pruner, seed=seed, run_seconds=run_seconds, eval_seconds=eval_seconds,
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED and not is_rejected(t) for t in trials),
         rejected=sum(is_rejected(t) for t in trials),
@@ -107,17 +126,19 @@ def one_seed(args: argparse.Namespace, name: str, seed: int, work: Path) -> Outc
 
 
 def table(outcomes: list[Outcome], args: argparse.Namespace) -> str:
-    rows = ["| study seed | best val (trial) | test acc of best, mean ± std (seeds) | complete / pruned / rejected / "
-            "failed | s in trials at chance (share) | run s | evaluate s |", "|---|---|---|---|---|---|---|"]
+    rows = ["| pruner | study seed | best val (trial) | test acc of best, mean ± std (seeds) | complete / pruned / "
+            "rejected / failed | s in trials at chance (share) | run s | evaluate s |", "|---" * 8 + "|"]
     for o in outcomes:
-        rows.append(f"| {o.seed} | {o.best_val:.4f} ({o.best_trial}) | {o.test_mean:.4f} ± {o.test_std:.4f} "
-                    f"({len(o.test)}) | "
+        rows.append(f"| {o.pruner} | {o.seed} | {o.best_val:.4f} ({o.best_trial}) | "
+                    f"{o.test_mean:.4f} ± {o.test_std:.4f} ({len(o.test)}) | "
                     f"{o.complete} / {o.pruned} / {o.rejected} / {o.failed} | {o.at_chance_seconds:.0f} "
                     f"({o.at_chance_seconds / o.run_seconds:.0%}) | {o.run_seconds:.0f} | {o.eval_seconds:.0f} |")
-    if len(outcomes) > 1:
-        tests = [o.test_mean for o in outcomes if o.test]
-        rows.append(f"| mean | {statistics.fmean(o.best_val for o in outcomes):.4f} | "
-                    f"{statistics.fmean(tests):.4f} ± {statistics.pstdev(tests):.4f} (over study seeds) | | | | |")
+    for pruner in dict.fromkeys(o.pruner for o in outcomes):
+        mine = [o for o in outcomes if o.pruner == pruner]
+        tests = [o.test_mean for o in mine if o.test]
+        if len(mine) > 1 and tests:
+            rows.append(f"| {pruner} | mean | {statistics.fmean(o.best_val for o in mine):.4f} | "
+                        f"{statistics.fmean(tests):.4f} ± {statistics.pstdev(tests):.4f} (over study seeds) | | | | |")
     return (f"`{args.study_file}`, budget {args.budget:g} s per study seed, evaluate --top {args.top} --seeds "
             f"{args.eval_seeds}\n\n" + "\n".join(rows) + "\n")
 
@@ -129,6 +150,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--study-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval-seeds", type=int, default=3)
+    parser.add_argument("--pruners", nargs="+", default=["file"], choices=["file", *PRUNERS],
+                        help="pruners to compare ('file': the study file's own)")
     parser.add_argument("--top", type=int, default=1)
     parser.add_argument("--classes", type=int, default=10, help="classes of the dataset (chance = 1 / classes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -139,11 +162,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        outcomes = [one_seed(args, name, seed, work) for seed in args.study_seeds]
-    text = table(outcomes, args)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+        outcomes: list[Outcome] = []
+        for pruner in args.pruners:
+            for seed in args.study_seeds:
+                outcomes.append(one_seed(args, name, pruner, seed, work))
+                if args.out:  # after every run, so a long comparison cut short keeps what it measured
+                    args.out.write_text(table(outcomes, args))
+    print(table(outcomes, args))
 
 
 if __name__ == "__main__":

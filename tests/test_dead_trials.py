@@ -3,7 +3,11 @@ on top of whatever pruner the study names; ``pruner = "none"`` and ``dead_trial 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import re
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -90,3 +94,37 @@ def test_dead_trial_knobs_are_validated(run_cli, write_study):
     result = run_cli("run", str(write_study(extra='pruner = { type = "none", dead_trial = true }')))
     assert result.code == 2
     assert "pruner.dead_trial = true is not a knob of pruner 'none'; allowed: none" in result.err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_search():
+    path = ROOT / "benchmarks" / "bench_search.py"
+    module_spec = importlib.util.spec_from_file_location("bench_search", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["bench_search"] = module  # its dataclass looks its module up there
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("study", ["mnist-scratch", "cifar10-scratch", "cifar10-beat-report"])
+def test_the_pruner_comparison_runs_the_pruner_it_names(study, tmp_path):
+    """benchmarks/bench_search.py --pruners: each preset, written into a shipped study file, is the pruner the study
+    then runs, with dead-trial pruning exactly when the name says "+dead" (a comparison that kept the file's own
+    pruner, or left dead-trial pruning on everywhere, would measure nothing)."""
+    bench = _bench_search()
+    kinds = {"median": optuna.pruners.MedianPruner, "successive-halving": optuna.pruners.SuccessiveHalvingPruner,
+             "hyperband": optuna.pruners.HyperbandPruner}
+    shipped = ROOT / "studies" / f"{study}.toml"
+    original, base = shipped.read_text(), load_spec(shipped)
+    for name, pruner in bench.PRUNERS.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(bench.with_key(bench.with_key(original, "seed", "7"), "pruner", pruner))
+        spec = load_spec(path)
+        dead = dead_trial_rule(spec, chance=0.1)
+        assert spec.seed == 7  # and nothing else of the study changed:
+        assert dataclasses.replace(spec, seed=base.seed, pruner=base.pruner, space=base.space) == base
+        assert (dead is not None) == name.endswith("+dead"), name
+        assert isinstance(make_pruner(spec, dead), kinds[name.removesuffix("+dead")]), name

@@ -149,6 +149,10 @@ def make_objective(
             trial.set_user_attr("best_epoch", result.best_epoch)
             if progress is not None:
                 progress(trial.number, epoch, config.train.epochs, value)
+            if epoch + 1 == config.train.epochs:
+                # Trained to the end: pruning now would save nothing and throw the finished trial away (with 10
+                # epochs, Hyperband at min_resource 1 and reduction factor 3 has its top rung at the last epoch).
+                return
             seconds = result.seconds_per_epoch[-1]
             if cap is not None and seconds > cap:  # cost cap: its value is reported, the rest is not paid for
                 over = f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}"

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hpsearch import objective
 from hpsearch.spec import load_spec
 from hpsearch.study import DeadTrialRule, dead_trial_rule, make_pruner
 from tests.conftest import study_text
@@ -73,6 +74,23 @@ def test_dead_trial_pruning_can_be_turned_off(run_cli, write_study, extra):
     [trial] = _trials()
     assert trial.state == TrialState.COMPLETE
     assert len(trial.intermediate_values) == 2
+
+
+@pytest.mark.parametrize("rule", ["dead", "over_cost"])
+def test_a_trial_that_trained_all_its_epochs_is_complete(run_cli, write_study, monkeypatch, rule):
+    """No pruning after the last epoch, where it saves nothing: the trial at chance (or over the epoch-time cap) that
+    has trained its one epoch is COMPLETE with its value, not PRUNED (as Hyperband did with its top rung at epoch
+    10 of studies/cifar10-beat-report.toml, throwing away trials it had paid for in full)."""
+    extra = f'pruner = {{ type = "median", n_startup_trials = 100, {MARGIN} }}'
+    if rule == "over_cost":
+        monkeypatch.setattr(objective, "estimate_epoch_seconds", lambda *a, **k: 0.0)  # the estimate lets it train
+        extra += "\nmax_seconds_per_epoch = 0.001"
+    path = write_study(text=study_text(epochs=1, n_trials=1, extra=extra, space=DEAD_SPACE, dataset=DATA))
+    assert run_cli("run", str(path)).code == 0
+    [trial] = _trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs
+    assert trial.value == trial.intermediate_values[0] <= 0.75  # at chance (below chance + dead_margin)
+    assert rule not in trial.user_attrs
 
 
 def test_rule_and_pruner(write_study):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -101,7 +102,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 
 
 def spawn_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``python -m hpsearch ARGS`` as a real process."""
+    """``python -m hpsearch ARGS`` as a real process, with Ctrl-C (SIGINT) working as in a terminal: a test run
+    started in the background or under nohup ignores SIGINT, and children inherit that (Python then installs no
+    KeyboardInterrupt handler), so a test's SIGINT would do nothing."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "hpsearch", *args], cwd=cwd, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -276,6 +276,7 @@ def browser() -> Iterator[Any]:
 
 
 def test_browser_renders_study_trial_note_and_artifact_images(served: Served, browser: Any, tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -291,24 +292,30 @@ def test_browser_renders_study_trial_note_and_artifact_images(served: Served, br
     assert f"{len(study['trials'])} Trials" in body
     assert f"Trial {trial['number']} (trial_id={trial['trial_id']})" in body
 
-    # The note's layer table, rendered from Markdown.
-    tables = [t for t in browser.find_elements(By.TAG_NAME, "table")
-              if [th.text for th in t.find_elements(By.TAG_NAME, "th")] ==
-              ["layer", "type", "output shape", "params", "trainable"]]
+    # The note's layer table, rendered from Markdown (read again if a re-render made the handles stale).
+    def note_tables(d: Any) -> list[list[list[str]]]:
+        return [[[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                 for tr in t.find_elements(By.CSS_SELECTOR, "tbody tr")]
+                for t in d.find_elements(By.TAG_NAME, "table")
+                if [th.text for th in t.find_elements(By.TAG_NAME, "th")] ==
+                ["layer", "type", "output shape", "params", "trainable"]]
+
+    tables = WebDriverWait(browser, 90, ignored_exceptions=(StaleElementReferenceException,)).until(note_tables)
     assert len(tables) == 1
-    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")] for tr in tables[0].find_elements(
-        By.CSS_SELECTOR, "tbody tr")]
+    [rows] = tables
     assert rows[0][1] == "Conv2d" and rows[0][4] == "trainable"
     assert rows[-1][1:3] == ["Linear", "3"]  # the classifier: 3 classes
 
-    # The note's images are the trial's artifacts, and they loaded.
+    # The note's images are the trial's artifacts, and they loaded. Checked in the page in one script, retried: the
+    # dashboard re-renders as it polls, which makes element handles held across calls stale.
     expected = {f"{served.url}/artifacts/{served.study_id}/{trial['trial_id']}/{a['artifact_id']}"
                 for a in trial["artifacts"]}
-    wait.until(lambda d: expected <= {i.get_attribute("src") for i in d.find_elements(By.TAG_NAME, "img")})
-    for img in browser.find_elements(By.TAG_NAME, "img"):
-        if img.get_attribute("src") in expected:
-            wait.until(lambda d, i=img: d.execute_script("return arguments[0].complete", i))
-            assert browser.execute_script("return arguments[0].naturalWidth", img) >= 300
+    loaded = """const want = new Set(arguments[0]);
+                const mine = [...document.images].filter(i => want.has(i.src));
+                return new Set(mine.map(i => i.src)).size === want.size
+                    && mine.every(i => i.complete && i.naturalWidth >= 300);"""
+    wait.until(lambda d: d.execute_script(loaded, sorted(expected)),
+               message=f"the note's images {sorted(expected)} did not all load at >= 300 px wide")
     shot = tmp_path / "trial.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

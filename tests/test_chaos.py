@@ -153,6 +153,7 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) 
     assert not [t for t in trials if t.state == TrialState.RUNNING], states
     finished = sum(t.state in FINISHED for t in trials)
     assert chaos.n_trials <= finished <= chaos.n_trials + chaos.workers - 1, states
+    resumed = 0
     for number, before in killed.items():
         dead = trials[number]
         assert dead.state == TrialState.FAIL, (number, states)
@@ -164,7 +165,13 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) 
         assert all(t.user_attrs["val_accuracy"] == done[0].user_attrs["val_accuracy"] for t in done)
         retry = done[0]
         assert retry.params == dead.params
-        assert retry.user_attrs.get("resumed_after_epoch", -1) >= 0, (number, retry.number, retry.user_attrs)
+        # Resumed from the dead worker's checkpoint. Only a kill between the first epoch's report and its checkpoint
+        # leaves none (a window that widens under load); the retry then starts over with the same seed, so it
+        # reports the same values (checked below).
+        if "resumed_after_epoch" in retry.user_attrs:
+            resumed += 1
+        else:
+            assert len(dead.intermediate_values) == 1, (number, retry.number, retry.user_attrs)
         # Resumed from epoch > 0: the epochs the dead worker had reported were not trained again.
         reported = [dead.intermediate_values[e] for e in sorted(dead.intermediate_values)]
         assert len(before.intermediate_values) >= 1
@@ -172,6 +179,7 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) 
         assert len(retry.user_attrs["val_accuracy"]) == chaos.epochs
         # No gap: every epoch has its reported value, the dead worker's and the retry's own.
         assert sorted(retry.intermediate_values) == list(range(chaos.epochs)), (number, retry.number, states)
+    assert resumed >= 1, f"no retry resumed from a checkpoint\n{states}"
 
 
 @pytest.mark.services

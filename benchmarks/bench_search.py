@@ -9,10 +9,11 @@ limit (no trial starts after BUDGET seconds; the one running finishes), then `hp
 (the best configuration retrained on train+val for its best epoch count, then measured on the test split). The
 commands are the CLI a user runs, as subprocesses, so their start-up and data loading are part of the budget.
 
-Printed per study seed (and their mean): best validation accuracy, test accuracy of the best trial (mean ± std over
-the evaluate seeds), trials complete / pruned / rejected before training / failed, the seconds spent in trials that
-ended at chance (best validation accuracy <= chance + the dead-trial margin, chance = 1 / --classes) and their share
-of the run, and the wall time of run and evaluate. Results are in benchmarks/README.md.
+Printed per study seed (and their mean): best validation accuracy, the best a sampled (not enqueued) trial reached,
+test accuracy of the best trial (mean ± std over the evaluate seeds), trials complete / pruned / rejected before
+training / failed, epochs trained, the seconds spent in trials that ended at chance (best validation accuracy <=
+chance + the dead-trial margin, chance = 1 / --classes) and their share of the run, and the wall time of run and
+evaluate. Results are in benchmarks/README.md.
 
 ``--pruners`` compares pruners side by side: each replaces the study file's ``pruner`` line (``file`` keeps it); the
 ``+dead`` presets add dead-trial pruning, the others turn it off. Same study seeds for every pruner, so the enqueued
@@ -67,6 +68,8 @@ class Outcome:
     at_chance_seconds: float
     best_val: float
     best_trial: int
+    sampled_best: tuple[float, int] | None  # best validation accuracy of a trial the sampler chose (not enqueued)
+    epochs: int  # epochs trained in all trials
     test: list[float]  # per evaluate seed
     test_mean: float
     test_std: float  # as `hpsearch evaluate` stores it
@@ -83,6 +86,16 @@ def with_key(text: str, key: str, value: str) -> str:
     else:
         head = head.rstrip("\n") + f"\n{line}\n\n"
     return head + tail
+
+
+def sampled_best(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, int] | None:
+    """The best validation accuracy any epoch of a sampled (not enqueued) trial reached, and that trial's number.
+
+    When a study enqueues a strong row, it is usually the study's best at a small budget whatever the pruner, so
+    the best trial alone cannot tell pruners apart; what the sampled trials reached can."""
+    sampled = [(max(t.intermediate_values.values()), t.number) for t in trials
+               if t.intermediate_values and "fixed_params" not in t.system_attrs]
+    return max(sampled) if sampled else None
 
 
 def hpsearch(*args: str) -> float:
@@ -120,25 +133,28 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
         rejected=sum(is_rejected(t) for t in trials),
         failed=sum(trial_ending(t) == "failed" for t in trials if t.state.is_finished()),
         at_chance_seconds=at_chance, best_val=float(best.value or 0.0), best_trial=best.number,
+        sampled_best=sampled_best(trials), epochs=sum(len(t.intermediate_values) for t in trials),
         test=[r["test_accuracy"] for r in stored.get("runs", [])],
         test_mean=float(stored.get("mean", float("nan"))), test_std=float(stored.get("std", 0.0)),
     )
 
 
 def table(outcomes: list[Outcome], args: argparse.Namespace) -> str:
-    rows = ["| pruner | study seed | best val (trial) | test acc of best, mean ± std (seeds) | complete / pruned / "
-            "rejected / failed | s in trials at chance (share) | run s | evaluate s |", "|---" * 8 + "|"]
+    rows = ["| pruner | study seed | best val (trial) | best val of a sampled trial (trial) | test acc of best, "
+            "mean ± std (seeds) | complete / pruned / rejected / failed | epochs trained | s in trials at chance "
+            "(share) | run s | evaluate s |", "|---" * 10 + "|"]
     for o in outcomes:
-        rows.append(f"| {o.pruner} | {o.seed} | {o.best_val:.4f} ({o.best_trial}) | "
+        sampled = f"{o.sampled_best[0]:.4f} ({o.sampled_best[1]})" if o.sampled_best else "none"
+        rows.append(f"| {o.pruner} | {o.seed} | {o.best_val:.4f} ({o.best_trial}) | {sampled} | "
                     f"{o.test_mean:.4f} ± {o.test_std:.4f} ({len(o.test)}) | "
-                    f"{o.complete} / {o.pruned} / {o.rejected} / {o.failed} | {o.at_chance_seconds:.0f} "
+                    f"{o.complete} / {o.pruned} / {o.rejected} / {o.failed} | {o.epochs} | {o.at_chance_seconds:.0f} "
                     f"({o.at_chance_seconds / o.run_seconds:.0%}) | {o.run_seconds:.0f} | {o.eval_seconds:.0f} |")
     for pruner in dict.fromkeys(o.pruner for o in outcomes):
         mine = [o for o in outcomes if o.pruner == pruner]
         tests = [o.test_mean for o in mine if o.test]
         if len(mine) > 1 and tests:
-            rows.append(f"| {pruner} | mean | {statistics.fmean(o.best_val for o in mine):.4f} | "
-                        f"{statistics.fmean(tests):.4f} ± {statistics.pstdev(tests):.4f} (over study seeds) | | | | |")
+            test = f"{statistics.fmean(tests):.4f} ± {statistics.pstdev(tests):.4f} (over study seeds)"
+            rows.append(f"| {pruner} | mean | {statistics.fmean(o.best_val for o in mine):.4f} | | {test} | | | | | |")
     return (f"`{args.study_file}`, budget {args.budget:g} s per study seed, evaluate --top {args.top} --seeds "
             f"{args.eval_seeds}\n\n" + "\n".join(rows) + "\n")
 

@@ -146,3 +146,27 @@ def test_the_pruner_comparison_runs_the_pruner_it_names(study, tmp_path):
         assert dataclasses.replace(spec, seed=base.seed, pruner=base.pruner, space=base.space) == base
         assert (dead is not None) == name.endswith("+dead"), name
         assert isinstance(make_pruner(spec, dead), kinds[name.removesuffix("+dead")]), name
+
+
+def test_the_pruner_comparison_reports_what_the_sampled_trials_reached():
+    """bench_search's "best val of a sampled trial": an enqueued baseline is the study's best at a small budget
+    whatever the pruner, so the comparison must also show the best epoch of any trial the sampler chose (pruned ones
+    included), never the enqueued row's."""
+    bench = _bench_search()
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.0})
+
+    def objective_fn(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0.0, 1.0)
+        curve = [0.99, 0.99] if trial.number == 0 else [0.5 + trial.number / 10, 0.3]  # enqueued row: the best
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+        if trial.number == 2:
+            raise optuna.TrialPruned()  # its best epoch (0.7) still counts
+        return curve[-1]
+
+    study.optimize(objective_fn, n_trials=3)
+    trials = study.get_trials()
+    assert study.best_trial.number == 0
+    assert bench.sampled_best(trials) == (0.7, 2)
+    assert bench.sampled_best(trials[:1]) is None  # only the enqueued row: nothing sampled

@@ -158,6 +158,8 @@ def test_the_pruner_comparison_reports_what_the_sampled_trials_reached():
 
     def objective_fn(trial: optuna.Trial) -> float:
         trial.suggest_float("x", 0.0, 1.0)
+        if trial.number == 3:
+            raise optuna.TrialPruned()  # refused before training (like a rejected architecture): no epoch at all
         curve = [0.99, 0.99] if trial.number == 0 else [0.5 + trial.number / 10, 0.3]  # enqueued row: the best
         for step, value in enumerate(curve):
             trial.report(value, step)
@@ -165,7 +167,7 @@ def test_the_pruner_comparison_reports_what_the_sampled_trials_reached():
             raise optuna.TrialPruned()  # its best epoch (0.7) still counts
         return curve[-1]
 
-    study.optimize(objective_fn, n_trials=3)
+    study.optimize(objective_fn, n_trials=4)
     trials = study.get_trials()
     assert study.best_trial.number == 0
     assert bench.sampled_best(trials) == (0.7, 2)

@@ -15,6 +15,10 @@ training / failed, epochs trained, the seconds spent in trials that ended at cha
 chance + the dead-trial margin, chance = 1 / --classes) and their share of the run, and the wall time of run and
 evaluate. Results are in benchmarks/README.md.
 
+``--search-code DIR`` runs the search with the hpsearch of another checkout (the "before" figures: ``git worktree add
+/tmp/before COMMIT`` and the study file as it was then); evaluate is always this checkout's, so both are measured
+with the same ruler. That run gets its own data cache (a cache written by one version is not read by another).
+
 ``--pruners`` compares pruners side by side: each replaces the study file's ``pruner`` line (``file`` keeps it); the
 ``+dead`` presets add dead-trial pruning, the others turn it off. Same study seeds for every pruner, so the enqueued
 and random start-up trials are the same and only the pruning differs.
@@ -98,11 +102,13 @@ def sampled_best(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, int] | 
     return max(sampled) if sampled else None
 
 
-def hpsearch(*args: str) -> float:
-    """Runs ``hpsearch ARGS`` (its output goes to this terminal); returns its wall seconds."""
+def hpsearch(*args: str, code: Path = ROOT) -> float:
+    """Runs ``hpsearch ARGS`` from the checkout ``code`` (its output goes to this terminal); returns its wall seconds.
+
+    Run in ``code``, as ``python -m`` puts the working directory first on the import path; paths must be absolute."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hpsearch", *args], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, "-m", "hpsearch", *args], check=True, cwd=code,
+                   env={**os.environ, "PYTHONPATH": str(code)})
     return time.perf_counter() - start
 
 
@@ -115,7 +121,10 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
     db = work / f"search-{pruner}-seed{seed}.db"
     storage = f"sqlite:///{db}"
     common = ["--storage", storage, "--data-dir", str(args.data_dir), "--threads", str(args.threads)]
-    run_seconds = hpsearch("run", str(study_file), "--timeout", str(args.budget), "--n-trials", "100000", *common)
+    code = args.search_code or ROOT
+    own_cache = ["--cache-dir", str(work / "cache-search-code")] if args.search_code else []
+    run_seconds = hpsearch("run", str(study_file), "--timeout", str(args.budget), "--n-trials", "100000", *common,
+                           *own_cache, code=code)
     eval_seconds = hpsearch("evaluate", name, "--top", str(args.top), "--seeds", str(args.eval_seeds), *common)
 
     study = optuna.load_study(study_name=name, storage=storage)
@@ -173,7 +182,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, help="keep the databases here (default: a temporary directory)")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--search-code", type=Path,
+                        help="run the search with the hpsearch checkout in this folder (evaluate uses this one)")
     args = parser.parse_args()
+    for path in ("study_file", "data_dir", "workdir", "out", "search_code"):  # the commands run in another folder
+        if getattr(args, path) is not None:
+            setattr(args, path, getattr(args, path).resolve())
     name = tomllib.loads(args.study_file.read_text())["name"]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)

@@ -172,3 +172,18 @@ def test_the_pruner_comparison_reports_what_the_sampled_trials_reached():
     assert study.best_trial.number == 0
     assert bench.sampled_best(trials) == (0.7, 2)
     assert bench.sampled_best(trials[:1]) is None  # only the enqueued row: nothing sampled
+
+
+def test_the_before_figures_run_the_search_with_the_other_checkout(tmp_path):
+    """bench_search --search-code DIR: the search must run the hpsearch of DIR (an older commit, for the issue's
+    "before" figures), not this checkout's; `python -m` imports from its working directory first, so running it here
+    with only PYTHONPATH changed would silently measure the new code twice."""
+    bench = _bench_search()
+    old = tmp_path / "old checkout"
+    (old / "hpsearch").mkdir(parents=True)
+    (old / "hpsearch" / "__init__.py").write_text("")
+    (old / "hpsearch" / "__main__.py").write_text(
+        "import pathlib, sys\npathlib.Path(sys.argv[-1]).write_text(str(pathlib.Path(__file__).resolve()))\n")
+    marker = tmp_path / "which hpsearch ran"
+    bench.hpsearch("run", str(marker), code=old)
+    assert Path(marker.read_text()) == (old / "hpsearch" / "__main__.py").resolve()

@@ -121,10 +121,9 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
     db = work / f"search-{pruner}-seed{seed}.db"
     storage = f"sqlite:///{db}"
     common = ["--storage", storage, "--data-dir", str(args.data_dir), "--threads", str(args.threads)]
-    code = args.search_code or ROOT
     own_cache = ["--cache-dir", str(work / "cache-search-code")] if args.search_code else []
     run_seconds = hpsearch("run", str(study_file), "--timeout", str(args.budget), "--n-trials", "100000", *common,
-                           *own_cache, code=code)
+                           *own_cache, code=args.search_code or ROOT)
     eval_seconds = hpsearch("evaluate", name, "--top", str(args.top), "--seeds", str(args.eval_seeds), *common)
 
     study = optuna.load_study(study_name=name, storage=storage)

@@ -114,9 +114,14 @@ def test_missing_and_malformed_files(run_cli, tmp_path: Path):
 
 
 def test_shipped_study_files_load():
-    for path in sorted(Path(__file__).parent.parent.glob("studies/*.toml")):
+    root = Path(__file__).parent.parent
+    for path in sorted(root.glob("studies/*.toml")):
         spec = load_spec(path)
         assert spec.name == path.stem, f"{path}: name {spec.name!r} differs from the file name"
+    benchmark_files = sorted(root.glob("benchmarks/*.toml"))  # the study files benchmarks/README.md's rows ran
+    assert benchmark_files
+    for path in benchmark_files:
+        load_spec(path)
 
 
 def test_budget_changes_do_not_count_as_a_different_study(write_study):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import optuna
 import pytest
 
 from hpsearch.spec import load_spec
+from hpsearch.study import dead_trial_rule, make_pruner
 from tests.conftest import TINY, study_text
 
 GOOD = study_text()
@@ -120,6 +122,13 @@ def test_shipped_study_files_load():
         assert spec.name == path.stem, f"{path}: name {spec.name!r} differs from the file name"
     # A study file a benchmarks/README.md row ran (finetune-mnist-resnet50.toml needs a weights file made first).
     assert load_spec(root / "benchmarks" / "mnist-scratch-8-epochs.toml").epochs == 8
+    # The pruners benchmarks/README.md measured and chose for the shipped CPU studies, each with dead-trial pruning.
+    chosen = {"mnist-scratch": optuna.pruners.MedianPruner, "cifar10-scratch": optuna.pruners.SuccessiveHalvingPruner}
+    for name, kind in chosen.items():
+        spec = load_spec(root / "studies" / f"{name}.toml")
+        dead = dead_trial_rule(spec, chance=0.1)
+        assert dead is not None, name
+        assert isinstance(make_pruner(spec, dead), kind), name
 
 
 def test_budget_changes_do_not_count_as_a_different_study(write_study):

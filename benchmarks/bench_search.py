@@ -15,6 +15,10 @@ training / failed, epochs trained, the seconds spent in trials that ended at cha
 chance + the dead-trial margin, chance = 1 / --classes) and their share of the run, and the wall time of run and
 evaluate. Results are in benchmarks/README.md.
 
+``--eval-epochs N --eval-train-fraction 1`` make the final training longer than the search's (N epochs, the schedule
+stretched to N, on every training image): what a study file that searches on a subset for few epochs buys when its
+winner is then trained properly.
+
 ``--search-code DIR`` runs the search with the hpsearch of another checkout (the "before" figures: ``git worktree add
 /tmp/before COMMIT`` and the study file as it was then); evaluate is always this checkout's, so both are measured
 with the same ruler. That run gets its own data cache (a cache written by one version is not read by another).
@@ -124,7 +128,10 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
     own_cache = ["--cache-dir", str(work / "cache-search-code")] if args.search_code else []
     run_seconds = hpsearch("run", str(study_file), "--timeout", str(args.budget), "--n-trials", "100000", *common,
                            *own_cache, code=args.search_code or ROOT)
-    eval_seconds = hpsearch("evaluate", name, "--top", str(args.top), "--seeds", str(args.eval_seeds), *common)
+    final = ["--epochs", args.eval_epochs] + (["--train-fraction", str(args.eval_train_fraction)]
+                                              if args.eval_train_fraction is not None else [])
+    eval_seconds = hpsearch("evaluate", name, "--top", str(args.top), "--seeds", str(args.eval_seeds), *final,
+                            *common)
 
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
@@ -163,8 +170,10 @@ def table(outcomes: list[Outcome], args: argparse.Namespace) -> str:
         if len(mine) > 1 and tests:
             test = f"{statistics.fmean(tests):.4f} ± {statistics.pstdev(tests):.4f} (over study seeds)"
             rows.append(f"| {pruner} | mean | {statistics.fmean(o.best_val for o in mine):.4f} | | {test} | | | | | |")
+    final = f" --epochs {args.eval_epochs}" + (f" --train-fraction {args.eval_train_fraction:g}"
+                                               if args.eval_train_fraction is not None else "")
     return (f"`{args.study_file}`, budget {args.budget:g} s per study seed, evaluate --top {args.top} --seeds "
-            f"{args.eval_seeds}\n\n" + "\n".join(rows) + "\n")
+            f"{args.eval_seeds}{final}\n\n" + "\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -177,6 +186,10 @@ def main() -> None:
     parser.add_argument("--pruners", nargs="+", default=["file"], choices=["file", *PRUNERS],
                         help="pruners to compare ('file': the study file's own)")
     parser.add_argument("--top", type=int, default=1)
+    parser.add_argument("--eval-epochs", default="best", help="evaluate --epochs: best | max | N (a longer final "
+                        "training, the schedule stretched to N)")
+    parser.add_argument("--eval-train-fraction", type=float,
+                        help="evaluate --train-fraction (default: the study's; 1: every training image)")
     parser.add_argument("--classes", type=int, default=10, help="classes of the dataset (chance = 1 / classes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, help="keep the databases here (default: a temporary directory)")

@@ -321,7 +321,11 @@ def evaluate(
     storage: str | None = StorageOpt,
     top: int = typer.Option(1, "--top", help="How many of the best complete trials to evaluate."),
     seeds: int = typer.Option(3, "--seeds", help="Retraining runs per trial (seeds derived from the study seed)."),
-    epochs: str = typer.Option("best", "--epochs", help="best: the trial's best epoch count; max: its full budget."),
+    epochs: str = typer.Option("best", "--epochs", help="best: the trial's best epoch count; max: its full budget; "
+                               "N: N epochs with the LR schedule stretched to N (a longer final training)."),
+    train_fraction: float | None = typer.Option(None, "--train-fraction",
+                                                help="Retrain on this part of the training images, plus val "
+                                                "(default: the study's train_fraction; 1: all of them)."),
     save: Path | None = typer.Option(None, "--save", help="Save each retrained model here (hpsearch.load_model)."),
     data_dir: Path | None = DataDirOpt,
     cache_dir: Path | None = CacheDirOpt,
@@ -335,7 +339,7 @@ def evaluate(
     from hpsearch import evaluate as final
     from hpsearch.devices import configure_threads, resolve_device
 
-    final.check_options(top=top, seeds=seeds, epochs=epochs)
+    final.check_options(top=top, seeds=seeds, epochs=epochs, train_fraction=train_fraction)
     rdb = open_storage(storage, create=False)
     spec = load_spec_from_study(rdb, name)
     study = load_existing(rdb, name)
@@ -349,8 +353,8 @@ def evaluate(
 
     rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
                                 data_dir=data_dir or default_data_dir(),
-                                cache_dir=cache_dir or default_cache_dir(), device=dev, save_dir=save,
-                                progress=progress)
+                                cache_dir=cache_dir or default_cache_dir(), device=dev,
+                                train_fraction=train_fraction, save_dir=save, progress=progress)
     table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
                   title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
     for r in rows:
@@ -358,6 +362,10 @@ def evaluate(
         table.add_row(str(r.number), f"{r.val_accuracy:.4f}", f"{r.mean:.4f} ± {r.std:.4f}{note}",
                       str(len(r.accuracies)), str(r.epochs), str(r.param_count), f"{r.seconds_per_epoch:.1f}")
     console.print(table)
+    fraction = spec.train_fraction if train_fraction is None else train_fraction
+    if fraction < 1:
+        console.print(f"retrained on {fraction:.0%} of the training images plus val, as the search trained "
+                      f"(--train-fraction 1: all of them)")
 
 
 @app.command()

@@ -4,7 +4,9 @@ The only module that reads the test split (``data.load_final``). Per trial and s
 config   = strategy.suggest(FixedTrial(trial.params), spec.space, ...)   # the trial's own configuration
 data     = train+val of the search's split, normalisation statistics recomputed on it
 model    = strategy.build(config, info)                                    # seed: derived from the study seed
-fit      for best_epoch+1 epochs ("best") or the trial's budget ("max")
+fit      for best_epoch+1 epochs ("best"), the trial's budget ("max") or N epochs with the schedule stretched to N
+         (a final training longer than the search could afford), on the search's training subset or, with
+         ``train_fraction``, on another part of the training set (1.0: all of it)
 accuracy on the test split, stored before the next seed starts (a killed evaluate resumes with the next seed)
 
 Where results are stored: Optuna refuses to change a finished trial (``set_trial_user_attr`` on a COMPLETE trial
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -71,16 +74,26 @@ def ranked(study: optuna.Study, top: int) -> list[FrozenTrial]:
     return sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))[:top]
 
 
-def check_options(*, top: int, seeds: int, epochs: str) -> None:
+def check_options(*, top: int, seeds: int, epochs: str, train_fraction: float | None = None) -> None:
     if top < 1:
         raise SpecError(f"--top {top}: must be >= 1")
     if seeds < 1:
         raise SpecError(f"--seeds {seeds}: must be >= 1")
-    if epochs not in EPOCH_MODES:
-        raise SpecError(f"--epochs {epochs!r}: allowed: best (best_epoch+1 of the trial), max (its full budget)")
+    if epochs not in EPOCH_MODES and not _stretched(epochs):
+        raise SpecError(f"--epochs {epochs!r}: allowed: best (best_epoch+1 of the trial), max (its full budget), "
+                        f"or a number of epochs >= 1 (the LR schedule stretched to it)")
+    if train_fraction is not None and not (math.isfinite(train_fraction) and 0 < train_fraction <= 1):
+        raise SpecError(f"--train-fraction {train_fraction:g}: must be a number with 0 < F <= 1")
+
+
+def _stretched(mode: str) -> bool:
+    """``--epochs N``: N epochs with the schedule over N (not the trial's budget cut short)."""
+    return mode.isdigit() and int(mode) >= 1
 
 
 def epochs_for(trial: FrozenTrial, spec: StudySpec, mode: str) -> int:
+    if _stretched(mode):
+        return int(mode)
     if mode == "max":
         return int(trial.user_attrs.get("config", {}).get("train", {}).get("epochs", spec.epochs))
     best = trial.user_attrs.get("best_epoch")
@@ -99,25 +112,31 @@ def evaluate_study(
     data_dir: Path,
     cache_dir: Path,
     device: torch.device,
+    train_fraction: float | None = None,
     save_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> list[Row]:
-    """Retrains and tests the best ``top`` complete trials ``seeds`` times; seeds already stored are skipped."""
-    check_options(top=top, seeds=seeds, epochs=epochs)
+    """Retrains and tests the best ``top`` complete trials ``seeds`` times; seeds already stored are skipped.
+    ``train_fraction`` (default: the study's) is the part of the training set retrained on, plus val."""
+    check_options(top=top, seeds=seeds, epochs=epochs, train_fraction=train_fraction)
     trials = ranked(study, top)
     if not trials:
         raise HpsearchError(f"study {study.study_name!r} has no complete trial to evaluate")
+    fraction = spec.train_fraction if train_fraction is None else train_fraction
     final = load_final(spec.dataset, data_dir=data_dir, cache_dir=cache_dir, device=device,
-                       val_fraction=spec.val_fraction, train_fraction=spec.train_fraction, seed=spec.seed)
+                       val_fraction=spec.val_fraction, train_fraction=fraction, seed=spec.seed)
     results = stored(study)
     rows = []
     for trial in trials:
         n_epochs = epochs_for(trial, spec, epochs)
+        schedule_epochs = n_epochs if _stretched(epochs) else spec.epochs
+        setting: dict[str, Any] = {"epochs": n_epochs, "schedule_epochs": schedule_epochs, "train_fraction": fraction}
         record = results.get(trial.number)
-        if record is None or record.get("epochs") != n_epochs:  # another epoch count measures something else
-            record = {"epochs": n_epochs, "mode": epochs, "runs": []}
+        if record is None or _setting(record, spec) != setting:  # another budget measures something else
+            record = {**setting, "mode": epochs, "runs": []}
         for index in range(len(record["runs"]), seeds):
-            run = _retrain(trial, spec, final, n_epochs, index, device, save_dir, study.study_name)
+            run = _retrain(trial, spec, final, n_epochs, index, device, save_dir, study.study_name,
+                           schedule_epochs=schedule_epochs)
             record["runs"].append(run)
             accs = [r["test_accuracy"] for r in record["runs"]]
             record["mean"] = statistics.fmean(accs)
@@ -137,6 +156,12 @@ def evaluate_study(
     return rows
 
 
+def _setting(record: dict[str, Any], spec: StudySpec) -> dict[str, Any]:
+    """What a stored result was trained with (records older than --epochs N / --train-fraction had the study's)."""
+    return {"epochs": record.get("epochs"), "schedule_epochs": record.get("schedule_epochs", spec.epochs),
+            "train_fraction": record.get("train_fraction", spec.train_fraction)}
+
+
 def replay(params: dict[str, Any], space: Space) -> optuna.Trial:
     """A trial that answers the strategy's suggest calls with stored ``params``: the strategy's own suggest
     rebuilds the config. Fixed values of the space fill parameters a trial stored before they existed (a
@@ -146,14 +171,15 @@ def replay(params: dict[str, Any], space: Space) -> optuna.Trial:
 
 
 class _Enough(Exception):
-    """Ends fit after the requested epochs; the schedule stays the trial's own (its full budget)."""
+    """Ends fit after the requested epochs; the schedule runs over ``schedule_epochs`` (best/max: the trial's
+    budget)."""
 
 
 def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, index: int, device: torch.device,
-             save_dir: Path | None, study_name: str) -> dict[str, Any]:
+             save_dir: Path | None, study_name: str, *, schedule_epochs: int) -> dict[str, Any]:
     strategy = STRATEGIES[spec.strategy]
     info = final.data.info
-    config = strategy.suggest(replay(trial.params, spec.space), spec.space, spec.epochs, info)
+    config = strategy.suggest(replay(trial.params, spec.space), spec.space, schedule_epochs, info)
     seed = eval_seed(spec.seed, trial.number, index)
     torch.manual_seed(seed)  # weight initialisation
     built = strategy.build(config, info)

@@ -14,6 +14,7 @@ import hpsearch
 from hpsearch import data as datasets
 from hpsearch.data import _load
 from hpsearch.evaluate import eval_seed
+from tests.conftest import ONE_CONFIG_SPACE
 
 STORAGE = "sqlite:///hpsearch.db"
 DATASET = "synthetic:classes=3,size=12,train=192,test=32"
@@ -84,10 +85,44 @@ def test_save_and_load_model_rebuilds_the_architecture(run_cli, write_study, tmp
     assert accuracy == pytest.approx(record["runs"][0]["test_accuracy"], abs=1e-6)
 
 
+def test_final_training_on_all_training_images_for_more_epochs(run_cli, write_study, monkeypatch):
+    """The search trains on half the training images for 2 epochs; `--train-fraction 1 --epochs 5` retrains on all
+    of them plus val for 5 epochs, the cosine schedule over 5 (not cut off at the search's 2), and is stored as a
+    different measurement from the default's (which is then retrained, not read back)."""
+    assert run_cli("run", str(write_study(n_trials=1, extra='train_fraction = 0.5\npruner = "none"',
+                                          space=ONE_CONFIG_SPACE + 'scheduler = "cosine"\n'))).code == 0
+    from hpsearch import evaluate as final
+    seen = []
+    real_fit = final.fit
+    monkeypatch.setattr(final, "fit", lambda built, data, config, **k: seen.append(
+        (len(data.train), config.epochs, config.scheduler)) or real_fit(built, data, config, **k))
+
+    result = run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "5", "--train-fraction", "1")
+    assert result.code == 0, result
+    assert seen == [(192, 5, "cosine")]  # 192: every training image (val included); the schedule over 5 epochs
+    record = optuna.load_study(study_name="tiny", storage=STORAGE).user_attrs["evaluate:0"]
+    assert (record["epochs"], record["schedule_epochs"], record["train_fraction"], record["mode"]) == (5, 5, 1.0, "5")
+    assert record["runs"][0]["epochs_run"] == 5
+    assert "retrained on train+val" in result.out and "of the training images" not in result.out
+
+    result = run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "max")  # the study's own half: retrained
+    assert result.code == 0, result
+    train_images = seen[-1][0]
+    assert len(seen) == 2 and seen[-1][1:] == (2, "cosine") and 90 < train_images < 192
+    assert "retrained on 50% of the training images plus val" in result.out
+    shown = json.loads(run_cli("show", "tiny", "--json").out)
+    assert (shown["top"][0]["test_epochs"], shown["top"][0]["test_train_fraction"]) == (2, 0.5)
+
+
 @pytest.mark.parametrize("args, message", [
     (("--seeds", "0"), "error: --seeds 0: must be >= 1"),
     (("--top", "0"), "error: --top 0: must be >= 1"),
-    (("--epochs", "last"), "error: --epochs 'last': allowed: best (best_epoch+1 of the trial), max (its full budget)"),
+    (("--epochs", "last"), "error: --epochs 'last': allowed: best (best_epoch+1 of the trial), max (its full "
+                           "budget), or a number of epochs >= 1 (the LR schedule stretched to it)"),
+    (("--epochs", "0"), "error: --epochs '0': allowed: best (best_epoch+1 of the trial), max (its full "
+                        "budget), or a number of epochs >= 1 (the LR schedule stretched to it)"),
+    (("--train-fraction", "0"), "error: --train-fraction 0: must be a number with 0 < F <= 1"),
+    (("--train-fraction", "1.5"), "error: --train-fraction 1.5: must be a number with 0 < F <= 1"),
 ])
 def test_bad_options_are_one_line_errors(run_cli, write_study, args, message):
     assert run_cli("run", str(write_study(n_trials=1))).code == 0

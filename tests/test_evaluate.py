@@ -88,7 +88,7 @@ def test_save_and_load_model_rebuilds_the_architecture(run_cli, write_study, tmp
 def test_final_training_on_all_training_images_for_more_epochs(run_cli, write_study, monkeypatch):
     """The search trains on half the training images for 2 epochs; `--train-fraction 1 --epochs 5` retrains on all
     of them plus val for 5 epochs, the cosine schedule over 5 (not cut off at the search's 2), and is stored as a
-    different measurement from the default's (which is then retrained, not read back)."""
+    different measurement: the same 5 epochs on the study's half, and the default's, are retrained, not read back."""
     assert run_cli("run", str(write_study(n_trials=1, extra='train_fraction = 0.5\npruner = "none"',
                                           space=ONE_CONFIG_SPACE + 'scheduler = "cosine"\n'))).code == 0
     from hpsearch import evaluate as final
@@ -105,10 +105,14 @@ def test_final_training_on_all_training_images_for_more_epochs(run_cli, write_st
     assert record["runs"][0]["epochs_run"] == 5
     assert "retrained on train+val" in result.out and "of the training images" not in result.out
 
-    result = run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "max")  # the study's own half: retrained
+    result = run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "5")  # same epochs, the study's half: retrained
+    assert result.code == 0, result
+    assert len(seen) == 2 and seen[-1][1:] == (5, "cosine") and 90 < seen[-1][0] < 192
+
+    result = run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "max")  # the trial's own schedule: retrained
     assert result.code == 0, result
     train_images = seen[-1][0]
-    assert len(seen) == 2 and seen[-1][1:] == (2, "cosine") and 90 < train_images < 192
+    assert len(seen) == 3 and seen[-1][1:] == (2, "cosine") and 90 < train_images < 192
     assert "retrained on 50% of the training images plus val" in result.out
     shown = json.loads(run_cli("show", "tiny", "--json").out)
     assert (shown["top"][0]["test_epochs"], shown["top"][0]["test_train_fraction"]) == (2, 0.5)

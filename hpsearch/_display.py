@@ -48,6 +48,8 @@ class RunDisplay:
         if trial.state == TrialState.PRUNED:
             why = next((trial.user_attrs[k] for k in PRUNE_REASONS if k in trial.user_attrs), None)
             epochs = len(trial.intermediate_values)
+            if why is None and "rung" in trial.user_attrs:  # successive halving on rungs (objective.stages)
+                why = f"not promoted after rung {trial.user_attrs['rung']}"
             value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
         elif trial.state == TrialState.FAIL:
             value = trial.user_attrs.get("error", "")

@@ -6,6 +6,8 @@ quarter of the bytes to move); ``strong`` and ``stronger`` return float.
 
 Levels, as in the report this project grew out of (torchvision's defaults where the report names only the op):
 - ``base``: random crop with 4-px zero padding + horizontal flip (flip off for digit datasets).
+- ``translate``: airbench94's: a random shift of up to ``translate`` px (2 by default) with reflect padding +
+  horizontal flip (flip off for digit datasets). No black border: with 2 px the image keeps all its content.
 - ``strong``: ``base`` + random perspective (distortion 0.5, p = 0.5) + random rotation (±10°) + Gaussian blur
   (3x3, sigma 0.1..2) + random grayscale (p = 0.1).
 - ``stronger``: ``strong`` + random affine (shear ±10°, scale 0.8..1.2) + elastic distortion (alpha 50, sigma 5).
@@ -26,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-LEVELS = ("none", "base", "strong", "stronger")
+LEVELS = ("none", "base", "translate", "strong", "stronger")
 
 PERSPECTIVE_DISTORTION = 0.5  # corners move inwards by up to this fraction of the half-size (torchvision default)
 PERSPECTIVE_P = 0.5
@@ -39,18 +41,22 @@ ELASTIC_ALPHA = 50.0  # torchvision ElasticTransform's defaults: displacement al
 ELASTIC_SIGMA = 5.0  # pixels
 
 
-def augment(x: torch.Tensor, level: str, *, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(x: torch.Tensor, level: str, *, flip: bool, generator: torch.Generator | None = None,
+            translate: int = 2, flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``flip_mask`` (bool [B]): which images to mirror, instead of a random half (alternating flips)."""
     if level == "none":
         return x
     if level == "base":
-        return random_crop(x, padding=4, flip=flip, generator=generator)
+        return random_crop(x, padding=4, flip=flip, generator=generator, flip_mask=flip_mask)
+    if level == "translate":
+        return random_translate(x, translate, flip=flip, generator=generator, flip_mask=flip_mask)
     if level in ("strong", "stronger"):
         stronger = level == "stronger"
         x = x.float()
         b, _, h, w = x.shape
         matrix = crop_matrix(b, padding=4, device=x.device, generator=generator)
         if flip:
-            matrix = matrix @ flip_matrix(b, device=x.device, generator=generator)
+            matrix = matrix @ flip_matrix(b, device=x.device, generator=generator, mask=flip_mask)
         matrix = matrix @ perspective_matrix(b, h, w, distortion=PERSPECTIVE_DISTORTION, p=PERSPECTIVE_P,
                                              device=x.device, generator=generator)
         matrix = matrix @ rotation_matrix(_uniform(b, -ROTATION_DEGREES, ROTATION_DEGREES, x.device, generator))
@@ -75,7 +81,7 @@ def _uniform(b: int, low: float, high: float, device: torch.device,
 
 
 def random_crop(x: torch.Tensor, *, padding: int, flip: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, flip_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Zero-pad by ``padding`` and cut an HxW window at a per-sample random offset (RandomCrop(padding=p));
     with ``flip``, a random half of the batch is also mirrored left-right (RandomHorizontalFlip).
 
@@ -95,9 +101,40 @@ def random_crop(x: torch.Tensor, *, padding: int, flip: bool = False,
     start = torch.arange(b * c, device=x.device).view(b, c, 1) * (hp * wp) + dy * wp + dx
     if flip:
         mirrored = (rows + cols.flip(0)).view(1, 1, h * w)
-        mask = torch.rand(b, 1, 1, device=x.device, generator=generator) < 0.5
-        window = torch.where(mask, mirrored, window)  # [B, 1, HW]
+        window = torch.where(_flips(b, x.device, generator, flip_mask), mirrored, window)  # [B, 1, HW]
     return torch.take(padded, start + window).view(b, c, h, w)
+
+
+def _flips(b: int, device: torch.device, generator: torch.Generator | None,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1, 1] bool: the given per-image mask, or a random half of the batch."""
+    if mask is not None:
+        return mask.view(b, 1, 1)
+    return torch.rand(b, 1, 1, device=device, generator=generator) < 0.5
+
+
+def random_translate(x: torch.Tensor, pixels: int, *, flip: bool = False, generator: torch.Generator | None = None,
+                     flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Shifts each image by -pixels..pixels along each axis, filling the border by reflection (F.pad's "reflect":
+    the edge pixel is not repeated), and mirrors a random half (or ``flip_mask``) when ``flip``. Any dtype, one flat
+    gather as ``random_crop``: each output pixel reads input row reflect(i + dy) and column reflect(j + dx)."""
+    b, c, h, w = x.shape
+    dy = torch.randint(-pixels, pixels + 1, (b, 1), device=x.device, generator=generator)
+    dx = torch.randint(-pixels, pixels + 1, (b, 1), device=x.device, generator=generator)
+    rows = _reflect(torch.arange(h, device=x.device) + dy, h)  # [B, H]
+    cols = torch.arange(w, device=x.device)
+    if flip:
+        cols = torch.where(_flips(b, x.device, generator, flip_mask).view(b, 1), cols.flip(0), cols)
+    cols = _reflect(cols + dx, w)  # [B, W]
+    window = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w)
+    start = torch.arange(b * c, device=x.device).view(b, c, 1) * (h * w)
+    return torch.take(x, start + window).view(b, c, h, w)
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices outside 0..n-1 mirrored about the edge pixels (-1 -> 1, n -> n-2), as reflect padding reads them."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 # ---------------------------------------------------------------- geometric ops as sampling matrices [B, 3, 3]
@@ -120,9 +157,10 @@ def crop_matrix(b: int, *, padding: int, device: torch.device,
     return _affine(one, zero, zero, one, shift[0], shift[1])
 
 
-def flip_matrix(b: int, *, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Horizontal flip of a random half of the batch: x -> -x about the centre."""
-    sign = torch.where(torch.rand(b, device=device, generator=generator) < 0.5, -1.0, 1.0)
+def flip_matrix(b: int, *, device: torch.device, generator: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Horizontal flip of a random half of the batch (or of ``mask``): x -> -x about the centre."""
+    sign = torch.where(_flips(b, device, generator, mask).view(b), -1.0, 1.0)
     zero = torch.zeros(b, device=device)
     return _affine(sign, zero, zero, torch.ones(b, device=device))
 

@@ -74,11 +74,18 @@ ArtifactsOpt = typer.Option(None, "--artifacts", envvar="HPSEARCH_ARTIFACTS", sh
 KeepCheckpointsOpt = typer.Option(0, "--keep-checkpoints", min=0, envvar="HPSEARCH_KEEP_CHECKPOINTS",
                                   help="Keep the checkpoints of the K best complete trials (0: delete each once "
                                        "its trial has finished).")
+PrecisionOpt = typer.Option("auto", "--precision",
+                            help="auto | fp32 | bf16 | fp16 (auto: CUDA's mixed precision; on a CPU with native "
+                                 "bf16, whichever of fp32 and bf16 a few timed steps of each trial find faster).")
 NoArtifactsOpt = typer.Option(False, "--no-artifacts",
                               help="No per-trial PNGs and notes for optuna-dashboard (see benchmarks/README.md).")
 
 
 def main() -> None:
+    # Before torch is imported (the commands import it lazily): OpenMP reads this when it loads. Threads waiting for
+    # each other sleep instead of spinning, so a busy neighbour process does not make a training burn its own cores
+    # (devices.configure_threads has the figures); --workers' children inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Heartbeats, the retry callback and metric names are "experimental" in Optuna 5; hpsearch pins Optuna < 6.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
@@ -158,6 +165,7 @@ def run(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    precision: str = PrecisionOpt,
     no_artifacts: bool = NoArtifactsOpt,
     force: bool = typer.Option(False, "--force", help="Run even if the stored study was made from a different file."),
     artifacts_location: str | None = ArtifactsOpt,
@@ -170,7 +178,7 @@ def run(
     with signals.sigterm_ends_trial(_say_terminated):
         _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=force, workers=workers,
              compile=compile, artifacts_location=artifacts_location, keep_checkpoints=keep_checkpoints,
-             no_artifacts=no_artifacts)
+             no_artifacts=no_artifacts, precision=precision)
 
 
 @app.command()
@@ -185,6 +193,7 @@ def worker(
     threads: int | None = ThreadsOpt,
     workers: int = WorkersOpt,
     compile: bool = CompileOpt,
+    precision: str = PrecisionOpt,
     no_artifacts: bool = NoArtifactsOpt,
     summary: bool = typer.Option(True, "--summary/--no-summary", hidden=True,
                                  help="End with the study's summary table (--workers' children do not)."),
@@ -196,7 +205,7 @@ def worker(
     with signals.sigterm_ends_trial(_say_terminated):
         _run(spec, storage, n_trials, timeout, data_dir, cache_dir, device, threads, force=False, workers=workers,
              compile=compile, summary=summary, artifacts_location=artifacts_location,
-             keep_checkpoints=keep_checkpoints, no_artifacts=no_artifacts)
+             keep_checkpoints=keep_checkpoints, no_artifacts=no_artifacts, precision=precision)
 
 
 def _say_terminated(text: str) -> None:
@@ -206,16 +215,17 @@ def _say_terminated(text: str) -> None:
 def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: float | None, data_dir: Path | None,
          cache_dir: Path | None, device_name: str, threads: int | None, *, force: bool, workers: int = 1,
          compile: bool = False, summary: bool = True, artifacts_location: str | None = None,
-         keep_checkpoints: int = 0, no_artifacts: bool = False) -> None:
+         keep_checkpoints: int = 0, no_artifacts: bool = False, precision: str = "auto") -> None:
     from hpsearch import artifacts
     from hpsearch import data as datasets
-    from hpsearch.devices import configure_threads, resolve_device
+    from hpsearch.devices import check_precision, configure_threads, resolve_device
     from hpsearch.launch import launch
     from hpsearch.objective import chance_accuracy, make_objective
 
     if artifacts_location is not None:
         artifacts.normalize_location(artifacts_location)  # a bad value fails before any work (exit 2)
     device = resolve_device(device_name)
+    check_precision(precision, device)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     heartbeat_settings()  # a bad HPSEARCH_*_SECONDS is bad input, reported before anything is read or written
     cache = cache_dir or default_cache_dir()
@@ -246,7 +256,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         os.environ["HPSEARCH_KEEP_CHECKPOINTS"] = str(keep_checkpoints)  # the workers inherit it
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
                       data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file,
-                      no_artifacts=no_artifacts)
+                      no_artifacts=no_artifacts, precision=precision)
         console.print(summary_table(study))
         if code:
             raise SystemExit(code)
@@ -270,7 +280,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     started = time.monotonic()
     with RunDisplay(console, study, target) as display:
         objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store,
-                                   dead=dead, explain=not no_artifacts)
+                                   dead=dead, explain=not no_artifacts, precision=precision)
         cleanup = artifacts.checkpoints_after_trial(store, keep_best=keep_checkpoints)
 
         def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -331,19 +341,21 @@ def evaluate(
     cache_dir: Path | None = CacheDirOpt,
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
+    precision: str = PrecisionOpt,
 ) -> None:
     """Retrain the best trials on train+val and measure them on the TEST split (the only command that reads it).
 
     Results are stored on the study (seeds already stored are skipped: a killed evaluate resumes) and shown by
     show and export."""
     from hpsearch import evaluate as final
-    from hpsearch.devices import configure_threads, resolve_device
+    from hpsearch.devices import check_precision, configure_threads, resolve_device
 
     final.check_options(top=top, seeds=seeds, epochs=epochs, train_fraction=train_fraction)
     rdb = open_storage(storage, create=False)
     spec = load_spec_from_study(rdb, name)
     study = load_existing(rdb, name)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     if dev.type == "cpu":
         configure_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -354,7 +366,8 @@ def evaluate(
     rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
                                 data_dir=data_dir or default_data_dir(),
                                 cache_dir=cache_dir or default_cache_dir(), device=dev,
-                                train_fraction=train_fraction, save_dir=save, progress=progress)
+                                train_fraction=train_fraction, save_dir=save, progress=progress,
+                                precision=precision)
     table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
                   title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
     for r in rows:

@@ -1,14 +1,27 @@
-"""Device choice, CPU threads and the mixed-precision policy (the only torch.cuda/mps probing in hpsearch)."""
+"""Device choice, CPU threads, the cost clock and the precision policy (the only torch.cuda/mps probing in hpsearch).
+
+Precision is decided by measuring, per trial: ``precision_candidates`` lists what a trial may train in, the trial
+times a few training steps in each (``hpsearch.train.probe_steps``), and ``choose_precision`` keeps the fastest.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
 from hpsearch._errors import SpecError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# bf16 is kept only when its timed steps are at least this much faster than fp32's: a few percent are inside the
+# probe's noise, and bf16 rounds the activations, so a tie goes to fp32.
+BF16_MIN_SPEEDUP = 1.1
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,26 +41,122 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def available_cpus() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total: containers and taskset)."""
+# ---------------------------------------------------------------- CPU threads
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in cores (a container's ``--cpus``), or None when unlimited or unknown.
+    cgroup v2 ``cpu.max`` ("200000 100000": 2 cores; "max 100000": no limit), else v1 ``cpu.cfs_quota_us``."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """Cores this process may run on: the affinity mask (taskset, --workers' pinning), capped by the cgroup's CPU
+    quota (a container limited to 2 CPUs on a 64-core host must not start 64 threads)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS / Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit))) if limit is not None else cores
 
 
 def configure_threads(threads: int | None) -> int:
-    """One intra-op thread per available core unless told otherwise; inter-op parallelism buys nothing here."""
+    """One intra-op thread per available core unless told otherwise; inter-op parallelism buys nothing here.
+
+    Threads that wait for each other sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set by the CLI before
+    torch is imported): beside another busy process, a spinning thread burns the core its sibling needs. Measured
+    on the 2-core development CPU, a small MNIST CNN step with 2 threads (benchmarks/README.md, "A shared CPU"):
+    idle 70 ms spinning / 74 ms passive; beside one busy single-threaded process 179 ms spinning / 128 ms passive.
+    """
     n = threads if threads else available_cpus()
     torch.set_num_threads(n)
     return n
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where the GPU has it (no loss scaling needed), else fp16.
+def cost_clock(device: torch.device) -> Callable[[], float]:
+    """A clock for what a training costs, not for how long it waited: the cost caps and the precision probe read it.
 
-    On CPU autocast slows small convolutions down, so training stays fp32 there.
+    On a CPU, the CPU time of the calling (training) thread. OpenMP's main thread runs the serial part of every
+    step and its share of each parallel region, so on an idle machine it advances like the wall clock, while the
+    time another process holds the core is not counted (and the threads' waits sleep, see ``configure_threads``).
+    Measured on the 2-core CPU beside a busy process: wall time per step 2.6x, this clock 1.0x (benchmarks/README.md).
+    On a GPU, the wall clock: the time is the device's, which another CPU process does not take.
     """
+    if device.type == "cpu" and hasattr(time, "CLOCK_THREAD_CPUTIME_ID"):
+        return time.thread_time
+    return time.perf_counter
+
+
+# ---------------------------------------------------------------- precision
+
+
+def cpu_bf16_native() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(name: str, device: torch.device) -> None:
+    """``--precision`` against what the device can do: a one-line error names what is allowed here."""
+    if name not in PRECISIONS:
+        raise SpecError(f"--precision: {name!r} is not a precision; allowed: {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type != "cuda":
+        raise SpecError(f"--precision: 'fp16' trains on CUDA only (with a gradient scaler); allowed on {device.type}: "
+                        "auto, fp32, bf16")
+    if name == "bf16" and device.type == "cpu" and not cpu_bf16_native():
+        raise SpecError("--precision: 'bf16' was asked for, but this CPU has no bf16 instructions (AVX512-BF16 or AMX) "
+                        "and would emulate it, slower than fp32; allowed here: auto, fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SpecError("--precision: 'bf16' was asked for, but this GPU does not support it; allowed here: auto, "
+                        "fp32, fp16")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """CUDA's mixed precision: bf16 where the GPU has it (no loss scaling needed), else fp16. None elsewhere: what a
+    CPU trains in is measured per trial (``precision_candidates``)."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def precision_candidates(name: str, device: torch.device) -> tuple[torch.dtype | None, ...]:
+    """The autocast dtypes (None: fp32) a trial may train in under ``--precision name``. One means no choice;
+    ``auto`` on a CPU with native bf16 gives two, and the trial's timed steps pick (``choose_precision``)."""
+    if name != "auto":
+        return (DTYPES[name],)
+    if device.type == "cuda":
+        return (autocast_dtype(device),)
+    if device.type == "cpu" and cpu_bf16_native():
+        return (None, torch.bfloat16)
+    return (None,)
+
+
+def choose_precision(seconds: Mapping[torch.dtype | None, float]) -> torch.dtype | None:
+    """The precision to train in, from the seconds of one timed training step in each candidate: bf16 (or fp16) when
+    it is at least ``BF16_MIN_SPEEDUP`` times faster than fp32, else fp32. Measured on a Xeon with AMX-BF16 (2
+    cores): an airbench-class CIFAR-10 network 2-3x faster in bf16, a 16-channel CNN slower (benchmarks/README.md)."""
+    if len(seconds) == 1:
+        return next(iter(seconds))
+    fp32 = seconds[None]
+    low = min((d for d in seconds if d is not None), key=lambda d: seconds[d])
+    return low if seconds[low] * BF16_MIN_SPEEDUP <= fp32 else None

@@ -34,11 +34,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch._errors import HpsearchError, SpecError
 from hpsearch.data import DataInfo, Final, load_final
+from hpsearch.devices import choose_precision, precision_candidates, precision_name
 from hpsearch.results import attr_key, stored
 from hpsearch.space import Fixed, Space
 from hpsearch.spec import StudySpec, spec_from_dict
 from hpsearch.strategies import STRATEGIES
-from hpsearch.train import BatchPrep, Diverged, FitResult, fit
+from hpsearch.train import BatchPrep, Diverged, FitResult, fit, probe_steps, tta_logits
 from hpsearch.train import evaluate as accuracy_on
 
 EPOCH_MODES = ("best", "max")
@@ -115,9 +116,11 @@ def evaluate_study(
     train_fraction: float | None = None,
     save_dir: Path | None = None,
     progress: Progress | None = None,
+    precision: str = "auto",
 ) -> list[Row]:
     """Retrains and tests the best ``top`` complete trials ``seeds`` times; seeds already stored are skipped.
-    ``train_fraction`` (default: the study's) is the part of the training set retrained on, plus val."""
+    ``train_fraction`` (default: the study's) is the part of the training set retrained on, plus val. ``precision``:
+    --precision (auto: measured on the retrained model, as a trial does)."""
     check_options(top=top, seeds=seeds, epochs=epochs, train_fraction=train_fraction)
     trials = ranked(study, top)
     if not trials:
@@ -136,7 +139,7 @@ def evaluate_study(
             record = {**setting, "mode": epochs, "runs": []}
         for index in range(len(record["runs"]), seeds):
             run = _retrain(trial, spec, final, n_epochs, index, device, save_dir, study.study_name,
-                           schedule_epochs=schedule_epochs)
+                           schedule_epochs=schedule_epochs, precision=precision)
             record["runs"].append(run)
             accs = [r["test_accuracy"] for r in record["runs"]]
             record["mean"] = statistics.fmean(accs)
@@ -176,13 +179,16 @@ class _Enough(Exception):
 
 
 def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, index: int, device: torch.device,
-             save_dir: Path | None, study_name: str, *, schedule_epochs: int) -> dict[str, Any]:
+             save_dir: Path | None, study_name: str, *, schedule_epochs: int, precision: str) -> dict[str, Any]:
     strategy = STRATEGIES[spec.strategy]
     info = final.data.info
     config = strategy.suggest(replay(trial.params, spec.space), spec.space, schedule_epochs, info)
     seed = eval_seed(spec.seed, trial.number, index)
     torch.manual_seed(seed)  # weight initialisation
     built = strategy.build(config, info)
+    candidates = precision_candidates(precision, device)
+    amp = candidates[0] if len(candidates) == 1 else choose_precision(
+        probe_steps(built, final.data, config.train, device, candidates).cost)
     seen: list[FitResult] = []
 
     def on_epoch(epoch: int, result: FitResult) -> None:
@@ -193,7 +199,7 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
     diverged = None
     start = time.perf_counter()
     try:
-        fit(built, final.data, config.train, device=device, seed=seed, on_epoch=on_epoch)
+        fit(built, final.data, config.train, device=device, seed=seed, on_epoch=on_epoch, amp=amp)
     except _Enough:
         pass
     except Diverged as e:
@@ -201,10 +207,12 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
     seconds = time.perf_counter() - start
     epochs_run = len(seen[0].seconds_per_epoch) if seen else 1
     model = built.model.to(device)
-    test_accuracy = accuracy_on(model, final.test, BatchPrep(final.data, built, device), device)
+    # The study's test-time augmentation, the same for every trial (the search validated with it).
+    test_accuracy = accuracy_on(model, final.test, BatchPrep(final.data, built, device), device, amp=amp,
+                                tta=spec.tta, flip=info.flip)
     run: dict[str, Any] = {
         "seed": seed, "test_accuracy": test_accuracy, "epochs_run": epochs_run,
-        "seconds_per_epoch": seconds / max(1, epochs_run),
+        "seconds_per_epoch": seconds / max(1, epochs_run), "precision": precision_name(amp),
     }
     if diverged:
         run["diverged"] = diverged
@@ -233,24 +241,27 @@ def save_model(model: nn.Module, pipeline: dict[str, Any], trial: FrozenTrial, s
 
 
 class Classifier(nn.Module):
-    """A saved model with its input pipeline: uint8 (or 0..255 float) images [B, C, H, W] -> logits."""
+    """A saved model with its input pipeline: uint8 (or 0..255 float) images [B, C, H, W] -> logits, with the
+    study's test-time augmentation (``tta``) as its test accuracy was measured."""
 
     scale: torch.Tensor
     shift: torch.Tensor
 
-    def __init__(self, model: nn.Module, *, mean: list[float], std: list[float], input_size: int | None) -> None:
+    def __init__(self, model: nn.Module, *, mean: list[float], std: list[float], input_size: int | None,
+                 tta: str = "none", flip: bool = True) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
         self.register_buffer("shift", -torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1))
         self.input_size = input_size
+        self.tta, self.flip = tta, flip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.addcmul(self.shift, x.float(), self.scale)
         if self.input_size is not None and self.input_size != x.shape[-1]:
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           align_corners=False)
-        return self.model(x)
+        return tta_logits(self.model, x, self.tta, flip=self.flip)
 
 
 def load_model(path: str | Path) -> Classifier:
@@ -275,4 +286,5 @@ def load_model(path: str | Path) -> Classifier:
     config = strategy.suggest(replay(meta["params"], spec.space), spec.space, spec.epochs, info)
     model = strategy.build(config, info).model
     model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    return Classifier(model, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"]).eval()
+    return Classifier(model, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"], tta=spec.tta,
+                      flip=info.flip).eval()

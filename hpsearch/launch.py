@@ -2,8 +2,10 @@
 
 GPUs are dealt round robin (worker i on ``cuda:{i mod G}``); the CPU cores are split into K equal sets, each
 worker pinned to its set with ``cores // K`` threads, so K small trials run side by side instead of K thread
-pools fighting over the same cores. Each worker is an ordinary ``hpsearch worker`` process (a crash of one does
-not end the others; the study's heartbeats retry its trial), its output lines prefixed with its number.
+pools fighting over the same cores. CPU workers never share a core: more of them than cores is refused (two
+trainings on one core slowed each other 5-20x on the 2-core development machine). Each worker is an ordinary
+``hpsearch worker`` process (a crash of one does not end the others; the study's heartbeats retry its trial), its
+output lines prefixed with its number.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import IO
 import torch
 
 from hpsearch._errors import SpecError
+from hpsearch.devices import available_cpus
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ def plan(workers: int, device: torch.device, *, gpus: int, cpus: Sequence[int] |
     if device.type == "cuda" and device.index is None and gpus < 1:
         raise SpecError("--device: 'cuda' was asked for, but PyTorch sees no CUDA device here")
     n_cpus = len(cpus) if cpus is not None else (os.cpu_count() or 1)
+    if device.type == "cpu" and workers > n_cpus:
+        raise SpecError(f"--workers: the value is {workers}, but this process may use {n_cpus} CPU core"
+                        f"{'s' * (n_cpus != 1)} and CPU workers do not share one; allowed: 1..{n_cpus}")
     threads = max(1, n_cpus // workers)
     slots = []
     for i in range(workers):
@@ -51,26 +57,29 @@ def plan(workers: int, device: torch.device, *, gpus: int, cpus: Sequence[int] |
         pinned = None
         if cpus is not None:
             cores = list(cpus)
-            # More workers than cores: each gets one core, shared round robin.
+            # More GPU workers than cores: each gets one core, shared round robin (the GPU does the work).
             pinned = tuple(cores[i * threads : (i + 1) * threads]) if workers <= n_cpus else (cores[i % n_cpus],)
         slots.append(Slot(device=name, threads=threads, cpus=pinned))
     return slots
 
 
 def local_plan(workers: int, device: torch.device) -> list[Slot]:
-    """``plan`` for this machine: its visible GPUs and this process's CPU affinity."""
+    """``plan`` for this machine: its visible GPUs and this process's CPU affinity, cut to its cgroup's CPU quota
+    (``devices.available_cpus``: a container limited to 2 CPUs on a 64-core host gets 2 cores' worth)."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpus = sorted(os.sched_getaffinity(0))[: available_cpus()] if hasattr(os, "sched_getaffinity") else None
     return plan(workers, device, gpus=gpus, cpus=cpus)
 
 
 def worker_command(study: str, slot: Slot, *, n_trials: int | None, timeout: float | None,
                    data_dir: Path | None, cache_dir: Path | None, compile: bool,
-                   no_artifacts: bool = False) -> list[str]:
+                   no_artifacts: bool = False, precision: str = "auto") -> list[str]:
     """The ``hpsearch worker`` command line of one slot. The storage URL is not on it: see ``worker_env``."""
     # --no-summary: the launching command prints the one summary table once every worker has ended.
     cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--no-summary",
            "--device", slot.device, "--threads", str(slot.threads)]
+    if precision != "auto":
+        cmd += ["--precision", precision]
     if n_trials is not None:
         cmd += ["--n-trials", str(n_trials)]
     if timeout is not None:
@@ -94,12 +103,13 @@ def worker_env(storage: str) -> dict[str, str]:
 
 def launch(study: str, workers: int, device: torch.device, *, storage: str, n_trials: int | None,
            timeout: float | None, data_dir: Path | None, cache_dir: Path | None, compile: bool,
-           out: IO[str] | None = None, no_artifacts: bool = False) -> int:
+           out: IO[str] | None = None, no_artifacts: bool = False, precision: str = "auto") -> int:
     """Runs ``workers`` ``hpsearch worker`` processes on ``study`` (which must exist) until they end; returns
     the exit code for the command that launched them."""
     slots = local_plan(workers, device)
     commands = [worker_command(study, slot, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
-                               cache_dir=cache_dir, compile=compile, no_artifacts=no_artifacts) for slot in slots]
+                               cache_dir=cache_dir, compile=compile, no_artifacts=no_artifacts, precision=precision)
+                for slot in slots]
     return run_workers(commands, slots, out=out, env=worker_env(storage))
 
 

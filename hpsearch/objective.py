@@ -1,13 +1,19 @@
-"""The objective: suggest -> build -> fit (report + prune per epoch) -> best validation accuracy.
+"""The objective: suggest -> build -> fit (report + prune per epoch, or per rung) -> validation accuracy.
 
 The test set is never touched here. Everything a trial decided or measured is stored on it as user attrs.
+
+A study with ``rungs`` trains each configuration in stages: every rung is a complete, cheaper training (its own
+epochs with the LR schedule run to its end, on part of the training images) whose best validation accuracy is
+reported at step ``reduction_factor ** k``; Optuna's successive-halving pruner decides whether the trial goes on to
+the next rung, and the last stage is the study's own training (its epochs on all its images). A study without
+rungs has one stage and reports every epoch.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NoReturn
 
 import optuna
@@ -17,12 +23,13 @@ from optuna.trial import TrialState
 from hpsearch import artifacts, signals
 from hpsearch._errors import HpsearchError
 from hpsearch.data import Data, Split
+from hpsearch.devices import DTYPES, choose_precision, precision_candidates, precision_name
 from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
-from hpsearch.study import DeadTrialRule
-from hpsearch.train import Diverged, FitResult, estimate_epoch_seconds, fit
+from hpsearch.study import DeadTrialRule, rung_step
+from hpsearch.train import Built, Diverged, FitResult, fit, probe_steps
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
 Progress = Callable[[int, int, int, float], None]
@@ -32,14 +39,17 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return (study_seed * 1_000_003 + trial_number) % 2**63
 
 
+def _running(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.number == trial.number)
+
+
 def retried_from(trial: optuna.Trial) -> int | None:
     """The number of the dead trial this one retries (the first of its retry chain), or None for a fresh trial.
     Only Optuna's stale-trial retry (and hpsearch's SIGTERM, which builds the retry the same way) sets it."""
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if t.number == trial.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_running(trial))
 
 
 def chance_accuracy(split: Split) -> float:
@@ -53,6 +63,29 @@ def _reject(trial: optuna.Trial, why: str) -> NoReturn:
     raise optuna.TrialPruned(f"rejected before training: {why}")
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One training of a trial: a rung (``step``: where its value is reported) or the study's own (``step`` None:
+    it reports every epoch when it is the only stage, else nothing before the trial's value)."""
+
+    epochs: int
+    data: Data
+    step: int | None
+    last: bool
+
+
+def stages(spec: StudySpec, data: Data) -> list[Stage]:
+    """The rungs (each on the first ``train_fraction`` of the training images: a random subset, the split being a
+    permutation), then the study's own training."""
+    out = []
+    for k, rung in enumerate(spec.rungs):
+        n = max(2, round(len(data.train) * rung.train_fraction))
+        subset = replace(data, train=Split(data.train.x[:n], data.train.y[:n]))
+        out.append(Stage(epochs=rung.epochs, data=subset, step=rung_step(spec, k), last=False))
+    out.append(Stage(epochs=spec.epochs, data=data, step=None, last=True))
+    return out
+
+
 def make_objective(
     spec: StudySpec,
     data: Data,
@@ -63,10 +96,14 @@ def make_objective(
     compile: bool = False,
     dead: DeadTrialRule | None = None,
     explain: bool = False,
+    precision: str = "auto",
 ) -> Callable[[optuna.Trial], float]:
-    """``dead``: the study's dead-trial rule (its pruner applies it; the objective stores the reason). With
-    ``explain`` (and a ``store``), each trial that ran an epoch gets its PNGs and note (hpsearch.explain)."""
+    """``dead``: the study's dead-trial rule (its pruner applies it per epoch; with rungs the objective does; the
+    objective stores the reason). With ``explain`` (and a ``store``), each trial that ran an epoch gets its PNGs and
+    note (hpsearch.explain). ``precision``: --precision (auto: measured per trial, see ``devices``)."""
     strategy = STRATEGIES[spec.strategy]
+    plan = stages(spec, data)
+    cap = spec.max_seconds_per_epoch
 
     def objective(trial: optuna.Trial) -> float:
         try:
@@ -91,16 +128,18 @@ def make_objective(
         try:
             config = strategy.suggest(trial, spec.space, spec.epochs, data.info)
         except Rejected as e:
-            # Pruned, not failed: TPE then learns to avoid the region; it does not count toward n_trials.
-            trial.set_user_attr("rejected", str(e))
-            raise optuna.TrialPruned(f"rejected before training: {e}") from None
+            _reject(trial, str(e))  # pruned, not failed: TPE learns to avoid the region; not counted toward n_trials
         trial.set_user_attr("config", asdict(config))
         # A retry is the same run as the dead trial it replaces (the first of its chain): same seed, so an epoch it
         # trains again (killed after that epoch's report, before its checkpoint) gives the value already reported.
         retried = retried_from(trial)
         seed = trial_seed(spec.seed, trial.number if retried is None else retried)
-        torch.manual_seed(seed)  # weight initialisation
-        built = strategy.build(config, data.info)
+
+        def build() -> Built:
+            torch.manual_seed(seed)  # weight initialisation: every stage of a trial starts from the same weights
+            return strategy.build(config, data.info)
+
+        built = build()
         trial.set_user_attr("param_count", sum(p.numel() for p in built.model.parameters()))
         trial.set_user_attr("trainable_param_count",
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
@@ -113,14 +152,8 @@ def make_objective(
             trial.set_user_attr("macs", macs)
             if macs > spec.max_flops:
                 _reject(trial, f"{macs:,} MACs per image, over max_flops = {spec.max_flops:,}")
-        cap = spec.max_seconds_per_epoch
-        if cap is not None and built.precomputed is None:  # (a cached trunk's epoch costs a fraction of this)
-            # Cost cap, before any training: seconds per epoch from a few timed steps (an estimate that errs low).
-            estimate = estimate_epoch_seconds(built, data, config.train, device)
-            trial.set_user_attr("estimated_seconds_per_epoch", round(estimate, 3))
-            if estimate > cap:
-                _reject(trial, f"estimated {estimate:.1f} s per epoch from timed steps, over max_seconds_per_epoch = "
-                               f"{cap:g}")
+        stored = trial.user_attrs.get("precision")  # a retry trains in its dead trial's precision
+        amp = decide_precision(trial, built, config.train, stored)
         explainer = TrialExplainer(store, built, data.info, device=device) if explain and store is not None else None
 
         # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
@@ -138,41 +171,101 @@ def make_objective(
                     trial.set_user_attr("resumed_after_epoch", resume["epoch"])
             trial.set_user_attr(artifacts.CHECKPOINT_ATTR, checkpoint)
 
+        # A retry goes on in the stage its checkpoint was written in (older checkpoints: the study's own training);
+        # the stages before it finished and reported their values, which the retry inherits.
+        first = 0 if resume is None else resume.get("rung", len(plan) - 1)
+        value = 0.0
+        for k, stage in enumerate(plan[first:], start=first):
+            result = train_stage(trial, k, stage, built if k == first else build(), config, seed, amp, explainer,
+                                 checkpoint, resume if k == first else None)
+            value = result.final_accuracy if result.final_accuracy is not None else result.best_val_accuracy
+            if stage.step is not None:
+                trial.set_user_attr("rung", k)
+                trial.report(value, stage.step)
+                if trial.should_prune():
+                    if explainer is not None:
+                        explainer.finish(trial, complete=False)
+                    raise optuna.TrialPruned(f"not promoted after rung {k} with val accuracy {value:.4f}")
+        if explainer is not None:
+            explainer.finish(trial, complete=True)
+        return value
+
+    def decide_precision(trial: optuna.Trial, built: Built, train: Any, stored: str | None) -> torch.dtype | None:
+        """The autocast dtype this trial trains in, and the time cap's refusal: one probe of timed steps serves both.
+        A retry keeps its dead trial's precision and its admission (it was under the cap)."""
+        if stored is not None:
+            return DTYPES[str(stored)]
+        candidates = precision_candidates(precision, device)
+        timed_cap = cap is not None and built.precomputed is None  # (a cached trunk's epoch costs a fraction)
+        if len(candidates) == 1 and not timed_cap:
+            amp = candidates[0]
+        else:
+            probe = probe_steps(built, data, train, device, candidates)
+            amp = choose_precision(probe.cost)
+            trial.set_user_attr("step_seconds", {precision_name(d): round(s, 5) for d, s in probe.cost.items()})
+            if timed_cap:
+                # Cost cap, before any training: an epoch of the study's own training from a few timed steps (an
+                # estimate that errs low), on the cost clock (devices.cost_clock: not time lost to other processes).
+                estimate = probe.cost[amp] * probe.steps_per_epoch
+                trial.set_user_attr("estimated_seconds_per_epoch", round(estimate, 3))
+                if cap is not None and estimate > cap:
+                    _reject(trial, f"estimated {estimate:.1f} s per epoch from timed steps, over "
+                                   f"max_seconds_per_epoch = {cap:g}")
+        trial.set_user_attr("precision", precision_name(amp))
+        return amp
+
+    def train_stage(trial: optuna.Trial, k: int, stage: Stage, built: Built, config: Any, seed: int,
+                    amp: torch.dtype | None, explainer: TrialExplainer | None, checkpoint: str | None,
+                    resume: dict[str, Any] | None) -> FitResult:
+        train = replace(config.train, epochs=stage.epochs)
+        # Seconds of the study's own epoch this stage's epochs stand for (a rung trains on fewer images).
+        scale = len(data.train) / len(stage.data.train)
+        reports_epochs = len(plan) == 1
+
         def on_epoch(epoch: int, result: FitResult) -> None:
             value = result.val_accuracy[-1]
+            seconds = result.cost_seconds_per_epoch[-1] * scale
             if explainer is not None:
                 explainer.observe(result)
-            trial.report(value, epoch)
+            if reports_epochs:
+                trial.report(value, epoch)
             trial.set_user_attr("train_loss", result.train_loss)
             trial.set_user_attr("val_accuracy", result.val_accuracy)
             trial.set_user_attr("seconds_per_epoch", sum(result.seconds_per_epoch) / len(result.seconds_per_epoch))
             trial.set_user_attr("best_epoch", result.best_epoch)
             if progress is not None:
-                progress(trial.number, epoch, config.train.epochs, value)
-            if epoch + 1 == config.train.epochs:
+                progress(trial.number, epoch, stage.epochs, value)
+            if epoch + 1 == stage.epochs:
                 # Trained to the end: pruning now would save nothing and throw the finished trial away (with 10
                 # epochs, Hyperband at min_resource 1 and reduction factor 3 has its top rung at the last epoch).
+                # A rung's end is judged by its report (run_trial).
                 return
-            seconds = result.seconds_per_epoch[-1]
             if cap is not None and seconds > cap:  # cost cap: its value is reported, the rest is not paid for
-                over = f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}"
+                over = (f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}"
+                        if scale == 1 else f"an epoch of rung {k} stands for {seconds:.1f} s of the study's own, over "
+                                           f"max_seconds_per_epoch = {cap:g}")
                 trial.set_user_attr("over_cost", over)
                 raise optuna.TrialPruned(over)
-            if trial.should_prune():
-                why = None if dead is None else dead.reason(epoch, value)
-                if why is not None:
-                    trial.set_user_attr("dead", why)
-                raise optuna.TrialPruned(why or f"pruned at epoch {epoch} with val accuracy {value:.4f}")
+            why = None if dead is None else dead.reason(epoch, value)
+            if reports_epochs:
+                if not trial.should_prune():  # the study's pruner, which applies the dead-trial rule too
+                    return
+            elif why is None:  # rungs: the pruner's steps are rungs, so the dead-trial rule is applied here
+                return
+            if why is not None:
+                trial.set_user_attr("dead", why)
+            raise optuna.TrialPruned(why or f"pruned at epoch {epoch} with val accuracy {value:.4f}")
 
         def on_checkpoint(state: dict[str, Any]) -> None:
             assert store is not None and checkpoint is not None  # only passed to fit with both
-            artifacts.save_checkpoint(store, checkpoint, state)
+            artifacts.save_checkpoint(store, checkpoint, {**state, "rung": k})
 
         # No clean-up here: a database error inside the trial (trial.report in an outage) must leave the file for
         # the retry. The checkpoint goes once the trial's final state is stored (see checkpoints_after_trial).
         try:
-            result = fit(built, data, config.train, device=device, seed=seed, on_epoch=on_epoch, resume=resume,
-                         on_checkpoint=None if store is None else on_checkpoint, compile=compile)
+            return fit(built, stage.data, train, device=device, seed=seed, on_epoch=on_epoch, resume=resume,
+                       on_checkpoint=None if store is None else on_checkpoint, compile=compile, amp=amp,
+                       tta=spec.tta if stage.last else "none")
         except Diverged as e:
             trial.set_user_attr("diverged", str(e))
             if explainer is not None:
@@ -182,9 +275,5 @@ def make_objective(
             if explainer is not None:  # still RUNNING here: the dashboard takes uploads only until the trial ends
                 explainer.finish(trial, complete=False)
             raise
-        if explainer is not None:
-            explainer.finish(trial, complete=True)
-        return result.best_val_accuracy
 
     return objective
-

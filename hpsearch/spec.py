@@ -50,8 +50,19 @@ _PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
 PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}
 TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "max_seconds_per_epoch", "max_flops",
             "val_fraction", "train_fraction",
-            "sampler", "pruner", "seed", "space", "enqueue")
+            "sampler", "pruner", "seed", "tta", "rungs", "space", "enqueue")
+TTA_LEVELS = ("none", "flip", "flip-translate")  # hpsearch.train.tta_logits
+MAX_RUNGS = 8
 BUDGET_KEYS = ("n_trials", "timeout")  # may change between runs of the same study without --force
+
+
+@dataclass(frozen=True)
+class Rung:
+    """A cheaper, complete training every configuration passes through first: ``epochs`` with the LR schedule run to
+    its end, on ``train_fraction`` of the study's training images (the validation images are the study's)."""
+
+    epochs: int
+    train_fraction: float
 
 
 @dataclass(frozen=True)
@@ -72,11 +83,17 @@ class StudySpec:
     space_overrides: dict[str, Any]
     enqueue: tuple[dict[str, Any], ...]
     space: Space = field(compare=False, repr=False)
+    tta: str = "none"  # test-time augmentation of the final validation and of the test (the same for every trial)
+    rungs: tuple[Rung, ...] = ()  # cheaper complete trainings before the study's own (successive halving)
 
     def to_dict(self) -> dict[str, Any]:
         """The study file's content as plain data (what is stored on the study and compared on resume)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in TOP_KEYS if k not in ("space", "enqueue")}
-        out = {k: v for k, v in out.items() if v is not None}  # an absent budget stays absent
+        # An absent budget stays absent; so do the keys newer than a stored study when they have their defaults.
+        out = {k: v for k, v in out.items() if v is not None and not (k == "tta" and v == "none")
+               and not (k == "rungs" and not v)}
+        if self.rungs:
+            out["rungs"] = [{"epochs": r.epochs, "train_fraction": r.train_fraction} for r in self.rungs]
         out["space"], out["enqueue"] = self.space_overrides, list(self.enqueue)
         return json.loads(json.dumps(out))
 
@@ -143,7 +160,13 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     seed = _number(data, "seed", int, 0, 2**32 - 1, fail) if "seed" in data else 0
 
     sampler = _algorithm(data.get("sampler", "tpe"), "sampler", SAMPLER_KNOBS, fail)
-    pruner = _algorithm(data.get("pruner", "median"), "pruner", PRUNER_KNOBS, fail)
+    rungs = _rungs(data.get("rungs", []), epochs, fail)
+    pruner = _algorithm(data.get("pruner", "successive-halving" if rungs else "median"), "pruner", PRUNER_KNOBS, fail)
+    if rungs:
+        _check_rung_pruner(pruner, fail)
+    tta = data.get("tta", "none")
+    if not isinstance(tta, str) or tta not in TTA_LEVELS:
+        raise fail("tta", tta, f"is not known; allowed: {', '.join(TTA_LEVELS)}")
 
     overrides = data.get("space", {})
     if not isinstance(overrides, dict):
@@ -180,8 +203,45 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
         name=name, dataset=dataset, strategy=strategy, epochs=epochs, n_trials=n_trials, timeout=timeout,
         max_seconds_per_epoch=max_seconds, max_flops=max_flops, val_fraction=val_fraction,
         train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
-        space_overrides=overrides, enqueue=tuple(enqueue), space=space,
+        space_overrides=overrides, enqueue=tuple(enqueue), space=space, tta=tta, rungs=rungs,
     )
+
+
+def _rungs(raw: Any, epochs: int, fail: Any) -> tuple[Rung, ...]:
+    """``rungs = [{ epochs = 2, train_fraction = 0.1 }, ...]``: each a cheaper complete training than the next, the
+    study's own (``epochs`` on all its training images) last."""
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw) or len(raw) > MAX_RUNGS:
+        raise fail("rungs", raw, f"must be an array of at most {MAX_RUNGS} tables such as "
+                   "[{ epochs = 2, train_fraction = 0.1 }]")
+    rungs = []
+    for i, table in enumerate(raw):
+        for key in table:
+            if key not in ("epochs", "train_fraction"):
+                raise fail(f"rungs[{i}].{key}", table[key], "is not a rung key; allowed: epochs, train_fraction")
+        e = table.get("epochs", epochs)
+        if type(e) is not int or not 1 <= e <= epochs:
+            raise fail(f"rungs[{i}].epochs", e, f"must be an integer >= 1 and <= epochs ({epochs})")
+        f = table.get("train_fraction", 1.0)
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+            raise fail(f"rungs[{i}].train_fraction", f, "must be a number with 0 < train_fraction <= 1")
+        rungs.append(Rung(epochs=e, train_fraction=float(f)))
+    costs = [r.epochs * r.train_fraction for r in rungs] + [float(epochs)]
+    for i, (a, b) in enumerate(zip(costs, costs[1:], strict=False)):
+        if b <= a:
+            nxt = f"rungs[{i + 1}]" if i + 1 < len(rungs) else f"the study's own {epochs} epochs on all its images"
+            raise fail(f"rungs[{i}]", raw[i], f"must cost less (epochs x train_fraction = {a:g}) than {nxt} ({b:g})")
+    return tuple(rungs)
+
+
+def _check_rung_pruner(pruner: dict[str, Any], fail: Any) -> None:
+    """Rungs are promoted by successive halving (a trial goes on to the next rung when it is in the top
+    1/reduction_factor of its rung so far), or all trained (``none``); the steps are rungs, not epochs."""
+    if pruner["type"] not in ("successive-halving", "none"):
+        raise fail("pruner", pruner["type"], 'with rungs must be "successive-halving" (it promotes the best of each '
+                   'rung to the next) or "none"')
+    for knob in ("min_resource", "min_early_stopping_rate"):
+        if knob in pruner:
+            raise fail(f"pruner.{knob}", pruner[knob], "is set by the rungs (each rung is one step); leave it out")
 
 
 def _check_meta(key: str, value: Any, where: str) -> None:

@@ -104,11 +104,22 @@ PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
 }
 
 
+def rung_step(spec: StudySpec, k: int) -> int:
+    """The step rung ``k``'s value is reported at: ``reduction_factor ** k``, where Optuna's successive-halving
+    pruner (min_resource 1) holds its k-th promotion."""
+    return int(spec.pruner.get("reduction_factor", 3)) ** k
+
+
 def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pruners.BasePruner:
     from hpsearch.spec import DEAD_KNOBS
 
     knobs = {k: v for k, v in spec.pruner.items() if k != "type" and k not in DEAD_KNOBS}
     kind = spec.pruner["type"]
+    if spec.rungs:
+        # Each rung is one step (rung_step); the objective applies the dead-trial rule itself, per epoch.
+        if kind == "none":
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, min_early_stopping_rate=0, **knobs)
     if kind == "percentile":
         knobs = {"percentile": 25.0, **knobs}
     if kind == "hyperband":

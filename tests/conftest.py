@@ -54,6 +54,20 @@ def study_text(name: str = "tiny", *, epochs: int = 2, n_trials: int = 3, extra:
         """) + space
 
 
+def fake_probe(seconds_per_epoch: float | Callable[..., float]) -> Callable[..., object]:
+    """A stand-in for ``hpsearch.train.probe_steps`` whose epoch estimate is ``seconds_per_epoch`` (or a function of
+    the Built model) in every precision: the cost-cap tests do not hang on this machine's speed."""
+    from hpsearch.train import Probe
+
+    def probe(built, data, config, device, dtypes, **_: object) -> Probe:
+        steps = len(data.train) // min(config.batch_size, len(data.train))
+        epoch = seconds_per_epoch(built) if callable(seconds_per_epoch) else seconds_per_epoch
+        return Probe(cost={d: epoch / steps for d in dtypes}, wall={d: epoch / steps for d in dtypes},
+                     steps_per_epoch=steps)
+
+    return probe
+
+
 @pytest.fixture
 def write_study(tmp_path: Path) -> Callable[..., Path]:
     def write(filename: str = "study.toml", text: str | None = None, **kwargs: object) -> Path:

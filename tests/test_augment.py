@@ -252,7 +252,8 @@ def test_stronger_differs_from_strong_with_the_same_seed() -> None:
 
 
 def test_unknown_level_names_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"augmentation 'heavy' is not known; allowed: none, base, strong, stronger"):
+    with pytest.raises(ValueError,
+                       match=r"augmentation 'heavy' is not known; allowed: none, base, translate, strong, stronger"):
         augment(ramp(1), "heavy", flip=True)
 
 
@@ -263,8 +264,8 @@ def test_every_level_is_selectable_in_a_study_file_and_others_are_refused() -> N
 
     study = {"name": "a", "dataset": "synthetic", "strategy": "scratch", "epochs": 1, "n_trials": 1}
     spec = spec_from_dict({**study, "space": {"augmentation": list(LEVELS)}}, where="x.toml")
-    assert spec.space_overrides["augmentation"] == ["none", "base", "strong", "stronger"]
+    assert spec.space_overrides["augmentation"] == ["none", "base", "translate", "strong", "stronger"]
     assert STRATEGIES["scratch"].params["augmentation"].allowed == LEVELS
     with pytest.raises(SpecError, match=r'^x.toml: space.augmentation: \["heavy"\] must be one of "none", "base", '
-                                        r'"strong", "stronger"$'):
+                                        r'"translate", "strong", "stronger"$'):
         spec_from_dict({**study, "space": {"augmentation": ["heavy"]}}, where="x.toml")

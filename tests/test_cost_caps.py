@@ -14,10 +14,11 @@ from optuna.trial import TrialState
 
 from hpsearch import objective
 from hpsearch.data import load
+from hpsearch.evaluate import replay
 from hpsearch.space import resolve_space
 from hpsearch.strategies.scratch import PARAMS, build, suggest
 from hpsearch.train import estimate_epoch_seconds
-from tests.conftest import ONE_CONFIG_SPACE, study_text
+from tests.conftest import ONE_CONFIG_SPACE, fake_probe, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
 # channels 4 -> about 5.6k MACs per 12x12 image, channels 64 -> about 90k; the cap lies between.
@@ -50,7 +51,7 @@ def test_a_model_over_max_flops_never_trains_and_does_not_count(run_cli, write_s
 
 
 def test_a_trial_over_max_seconds_per_epoch_is_pruned_after_that_epoch(run_cli, write_study, monkeypatch):
-    monkeypatch.setattr(objective, "estimate_epoch_seconds", lambda *a, **k: 0.0)  # the estimate lets it train
+    monkeypatch.setattr(objective, "probe_steps", fake_probe(0.0))  # the estimate lets it train
     path = write_study(text=study_text(n_trials=1, epochs=3, extra='max_seconds_per_epoch = 0.001\npruner = "none"',
                                        space=ONE_CONFIG_SPACE))
     result = run_cli("run", str(path))
@@ -74,9 +75,10 @@ def test_cost_caps_are_validated(run_cli, write_study):
 
 def test_a_model_whose_estimated_epoch_is_over_the_cap_never_trains(run_cli, write_study, monkeypatch):
     # The estimate is replaced by one proportional to the width, so the test does not hang on this machine's speed.
-    def estimate(built, data, config, device):
+    def per_width(built):
         return sum(p.numel() for p in built.model.parameters()) / 1000
-    monkeypatch.setattr(objective, "estimate_epoch_seconds", estimate)
+
+    monkeypatch.setattr(objective, "probe_steps", fake_probe(per_width))
     result, over, trained = _run_capped(run_cli, write_study, "max_seconds_per_epoch = 8")
     for t in over:
         assert t.state == TrialState.PRUNED and t.intermediate_values == {} and "val_accuracy" not in t.user_attrs
@@ -97,21 +99,39 @@ def _tiny_cnn(channels: int, blocks: int, tmp_path):
               "scheduler": "none", "batch_size": 64, "label_smoothing": 0.0, "augmentation": "base"}
     data = load("synthetic:classes=3,size=24,train=640,test=32", data_dir=tmp_path, cache_dir=tmp_path,
                 device=torch.device("cpu"), val_fraction=0.1)
-    config = suggest(optuna.trial.FixedTrial(params), space, 1, data.info)
+    config = suggest(replay(params, space), space, 1, data.info)
     torch.manual_seed(0)
     return build(config, data.info), data, config
 
 
 class _Slow(torch.nn.Module):
-    """A model whose every forward pass takes at least ``seconds``: the estimate has a known lower bound."""
+    """A model whose every forward pass computes for at least ``seconds`` of this thread's CPU time (``busy``), or
+    waits that long without computing (what a step looks like while another process holds the core)."""
 
-    def __init__(self, model: torch.nn.Module, seconds: float) -> None:
+    def __init__(self, model: torch.nn.Module, seconds: float, *, busy: bool = True) -> None:
         super().__init__()
-        self.model, self.seconds = model, seconds
+        self.model, self.seconds, self.busy = model, seconds, busy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.seconds)
+        if self.busy:
+            start = time.thread_time()
+            while time.thread_time() - start < self.seconds:
+                pass
+        else:
+            time.sleep(self.seconds)
         return self.model(x)
+
+
+def test_time_another_process_holds_the_core_is_not_counted_by_the_estimate(tmp_path):
+    """The cost cap's clock is the training thread's CPU time: a step that waits (the core given to another process)
+    costs what it computed, so a busy machine does not get a configuration refused (issue #23: a study's own
+    enqueued CNN refused at 545 s per epoch beside other work, 13 s idle)."""
+    built, data, config = _tiny_cnn(16, 2, tmp_path)
+    batches = len(data.train) // config.train.batch_size
+    plain = estimate_epoch_seconds(built, data, config.train, torch.device("cpu"))
+    built.model = _Slow(built.model, 0.05, busy=False)
+    waiting = estimate_epoch_seconds(built, data, config.train, torch.device("cpu"))
+    assert waiting < plain + 0.02 * batches  # 0.05 s per step of waiting: not counted
 
 
 def test_the_epoch_estimate_is_a_step_time_per_batch_and_leaves_model_and_rngs_alone(tmp_path):

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from hpsearch import objective
 from hpsearch.spec import load_spec
 from hpsearch.study import DeadTrialRule, dead_trial_rule, make_pruner
-from tests.conftest import study_text
+from tests.conftest import fake_probe, study_text
 
 DATA = 'dataset = "synthetic:classes=4,size=12,train=800,test=32"'
 # lr 1e-7: the weights barely move, so validation accuracy stays where random initialisation puts it.
@@ -83,7 +83,7 @@ def test_a_trial_that_trained_all_its_epochs_is_complete(run_cli, write_study, m
     10 of studies/cifar10-beat-report.toml, throwing away trials it had paid for in full)."""
     extra = f'pruner = {{ type = "median", n_startup_trials = 100, {MARGIN} }}'
     if rule == "over_cost":
-        monkeypatch.setattr(objective, "estimate_epoch_seconds", lambda *a, **k: 0.0)  # the estimate lets it train
+        monkeypatch.setattr(objective, "probe_steps", fake_probe(0.0))  # the estimate lets it train
         extra += "\nmax_seconds_per_epoch = 0.001"
     path = write_study(text=study_text(epochs=1, n_trials=1, extra=extra, space=DEAD_SPACE, dataset=DATA))
     assert run_cli("run", str(path)).code == 0

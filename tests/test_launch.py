@@ -38,10 +38,25 @@ def test_cpu_workers_get_cores_divided_by_k_threads_each() -> None:
     assert [s.cpus for s in four] == [(0, 1), (2, 3)] and four[0].threads == 2
 
 
-def test_more_workers_than_cores_share_cores_one_thread_each() -> None:
-    slots = plan(3, torch.device("cpu"), gpus=0, cpus=[4, 5])
+def test_more_cpu_workers_than_cores_are_refused_gpu_workers_share_cores() -> None:
+    """Two trainings on one core slowed each other 5-20x on the 2-core machine: CPU workers never oversubscribe."""
+    with pytest.raises(SpecError, match=r"^--workers: the value is 3, but this process may use 2 CPU cores and CPU "
+                                        r"workers do not share one; allowed: 1\.\.2$"):
+        plan(3, torch.device("cpu"), gpus=0, cpus=[4, 5])
+    slots = plan(3, torch.device("cuda"), gpus=3, cpus=[4, 5])  # the GPUs do the work; the cores feed them
     assert [s.cpus for s in slots] == [(4,), (5,), (4,)]
     assert all(s.threads == 1 for s in slots)
+
+
+def test_local_plan_keeps_to_the_cgroup_cpu_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container limited to 1 CPU on a bigger host: one CPU worker, one thread (not one per visible core)."""
+    from hpsearch import launch
+
+    monkeypatch.setattr(launch, "available_cpus", lambda: 1)
+    [slot] = launch.local_plan(1, torch.device("cpu"))
+    assert slot.threads == 1
+    with pytest.raises(SpecError, match=r"^--workers: the value is 2, but this process may use 1 CPU core and"):
+        launch.local_plan(2, torch.device("cpu"))
 
 
 def test_without_affinity_support_nothing_is_pinned() -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import optuna
@@ -12,7 +12,7 @@ import optuna
 from hpsearch.augment import LEVELS
 from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Fixed, FloatRange, Param, PerChoice, Space
-from hpsearch.train import Built, TrainConfig
+from hpsearch.train import AVERAGING, SCHEDULERS, Built, TrainConfig
 
 
 class Config(Protocol):
@@ -68,8 +68,10 @@ def train_params(*, batch_sizes: tuple[int, ...]) -> dict[str, Param]:
         "momentum": Param(FloatRange(0.0, 0.99), float, "SGD momentum (sgd only)", low=0.0, high=0.999),
         "nesterov": Param(Categorical((False, True)), bool, "Nesterov momentum (sgd only)"),
         "weight_decay": Param(FloatRange(1e-6, 1e-2, log=True), float, "weight decay", low=0.0, high=1.0),
+        # "linear" (warm-up, then linear decay, stepped per batch) is allowed but not in the default choices: a
+        # study that sampled the four before would see a categorical change its choices on resume.
         "scheduler": Param(Categorical(("none", "multistep", "plateau", "cosine")), str, "LR schedule",
-                           allowed=("none", "multistep", "plateau", "cosine")),
+                           allowed=SCHEDULERS),
         "lr_gamma": Param(Categorical((0.1, 0.2, 0.5)), float, "multistep: LR factor at each milestone",
                           low=1e-4, high=1.0),
         "milestones": Param(Fixed("auto"), str, 'multistep: "auto" (50% and 75% of the epochs) or the epochs '
@@ -84,17 +86,30 @@ def train_params(*, batch_sizes: tuple[int, ...]) -> dict[str, Param]:
         # strong, 0.458 stronger, and an epoch costs ~1.4x / ~1.8x (benchmarks/README.md). List them in [space]
         # for studies of tens of epochs.
         "augmentation": Param(Categorical(("none", "base")), str, "augmentation level", allowed=LEVELS),
+        # The airbench-class training knobs. Fixed by default (today's behaviour, so stored trials replay as they
+        # ran); studies/*-fast.toml open them up.
+        "warmup": Param(Fixed(0.23), float, "linear: fraction of the steps over which the LR climbs from 0.2x to 1x",
+                        low=0.0, high=0.9),
+        "final_lr": Param(Fixed(0.07), float, "linear: the LR at the last step, as a fraction of lr", low=0.0,
+                          high=1.0),
+        "averaging": Param(Fixed("none"), str, "weight averaging: ema (per step), lookahead (airbench94's)",
+                           allowed=AVERAGING),
+        "ema_decay": Param(Fixed(0.999), float, "ema: per-step decay of the weight average", low=0.0, high=0.99999),
+        "flip_mode": Param(Fixed("random"), str, "flips of an augmented batch: a random half, or each image mirrored "
+                           "every other epoch (alternating)", allowed=("random", "alternating")),
+        "translate": Param(Fixed(2), int, 'augmentation "translate": pixels of random shift', low=1, high=8),
     }
 
 
 def suggest_train(trial: optuna.Trial, space: Space, epochs: int, *, lr: float | None = None) -> TrainConfig:
-    """Conditional parameters are sampled only where they matter (momentum for sgd, knobs per scheduler).
+    """Conditional parameters are sampled only where they matter (momentum for sgd, knobs per scheduler, the
+    shift of the translate augmentation, the EMA's decay).
 
     A strategy whose parameter groups carry their own LRs passes ``lr`` (and has no "lr" key): not sampled.
     """
     optimizer = space.suggest(trial, "optimizer")
     scheduler = space.suggest(trial, "scheduler")
-    return TrainConfig(
+    config = TrainConfig(
         epochs=epochs,
         batch_size=space.suggest(trial, "batch_size"),
         optimizer=optimizer,
@@ -109,4 +124,15 @@ def suggest_train(trial: optuna.Trial, space: Space, epochs: int, *, lr: float |
         plateau_patience=space.suggest(trial, "plateau_patience") if scheduler == "plateau" else 1,
         label_smoothing=space.suggest(trial, "label_smoothing"),
         augmentation=space.suggest(trial, "augmentation"),
+    )
+    # The airbench-class knobs, after the others: a study's earlier parameters are drawn in the order they were.
+    averaging = space.suggest(trial, "averaging")
+    return replace(
+        config,
+        warmup=space.suggest(trial, "warmup") if scheduler == "linear" else config.warmup,
+        final_lr=space.suggest(trial, "final_lr") if scheduler == "linear" else config.final_lr,
+        averaging=averaging,
+        ema_decay=space.suggest(trial, "ema_decay") if averaging == "ema" else config.ema_decay,
+        flip_mode=space.suggest(trial, "flip_mode") if config.augmentation != "none" else config.flip_mode,
+        translate=space.suggest(trial, "translate") if config.augmentation == "translate" else config.translate,
     )

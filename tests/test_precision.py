@@ -1,0 +1,141 @@
+"""Precision chosen by measurement: which precisions a trial may train in (--precision), the choice from timed steps,
+the one-line refusals, and that bf16 training matches fp32 while weights, checkpoints and saved models stay fp32."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from hpsearch import devices, objective
+from hpsearch._errors import SpecError
+from hpsearch.data import load
+from hpsearch.devices import check_precision, choose_precision, precision_candidates
+from hpsearch.evaluate import load_model, replay
+from hpsearch.space import resolve_space
+from hpsearch.strategies.scratch import PARAMS, build, suggest
+from hpsearch.train import Probe, fit
+from tests.conftest import ONE_CONFIG_SPACE, study_text
+
+CPU = torch.device("cpu")
+BF16 = torch.bfloat16
+needs_bf16 = pytest.mark.skipif(not devices.cpu_bf16_native(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+
+
+def test_candidates_follow_the_option_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "cpu_bf16_native", lambda: True)
+    assert precision_candidates("auto", CPU) == (None, BF16)  # measured per trial
+    assert precision_candidates("fp32", CPU) == (None,)
+    assert precision_candidates("bf16", CPU) == (BF16,)
+    monkeypatch.setattr(devices, "cpu_bf16_native", lambda: False)
+    assert precision_candidates("auto", CPU) == (None,)  # no probe where bf16 would be emulated: nothing slower
+    assert precision_candidates("auto", torch.device("mps")) == (None,)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision_candidates("auto", torch.device("cuda")) == (torch.float16,)  # CUDA keeps its AMP path
+
+
+def test_the_faster_precision_wins_only_by_a_margin() -> None:
+    assert choose_precision({None: 1.0, BF16: 0.5}) == BF16
+    assert choose_precision({None: 1.0, BF16: 0.95}) is None  # inside the probe's noise: fp32
+    assert choose_precision({None: 0.3, BF16: 0.9}) is None  # small convolutions can lose in bf16
+    assert choose_precision({BF16: 2.0}) == BF16  # one candidate: no choice
+
+
+def test_precisions_a_device_cannot_run_are_refused_with_what_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SpecError, match=r"^--precision: 'half' is not a precision; allowed: auto, fp32, bf16, fp16$"):
+        check_precision("half", CPU)
+    with pytest.raises(SpecError, match=r"^--precision: 'fp16' trains on CUDA only \(with a gradient scaler\); "
+                                        r"allowed on cpu: auto, fp32, bf16$"):
+        check_precision("fp16", CPU)
+    monkeypatch.setattr(devices, "cpu_bf16_native", lambda: False)
+    with pytest.raises(SpecError, match=r"^--precision: 'bf16' was asked for, but this CPU has no bf16 instructions "
+                                        r"\(AVX512-BF16 or AMX\) and would emulate it, slower than fp32; allowed "
+                                        r"here: auto, fp32$"):
+        check_precision("bf16", CPU)
+    check_precision("fp32", CPU)
+    check_precision("auto", CPU)
+
+
+def test_a_bad_precision_fails_the_command_before_any_work(run_cli, write_study, tmp_path) -> None:
+    result = run_cli("run", str(write_study()), "--precision", "fp16")
+    assert result.code == 2
+    assert result.err == ("error: --precision: 'fp16' trains on CUDA only (with a gradient scaler); allowed on cpu: "
+                          "auto, fp32, bf16\n")
+    assert not (tmp_path / "hpsearch.db").exists()
+
+
+@pytest.mark.parametrize(("costs", "chosen"), [((1.0, 0.4), "bf16"), ((1.0, 0.97), "fp32")])
+def test_each_trial_trains_in_the_precision_its_timed_steps_chose(run_cli, write_study, monkeypatch, costs, chosen):
+    """The objective probes both precisions (here a stand-in with known step costs) and trains in the winner; the
+    precision and the step costs are stored on the trial."""
+    monkeypatch.setattr(devices, "cpu_bf16_native", lambda: True)
+    used: list[object] = []
+
+    def probe(built, data, config, device, dtypes, **_):
+        assert dtypes == (None, BF16)
+        return Probe(cost=dict(zip(dtypes, costs, strict=True)), wall=dict(zip(dtypes, costs, strict=True)),
+                     steps_per_epoch=1)
+
+    def recording_fit(*args, amp, **kwargs):
+        used.append(amp)
+        return fit(*args, amp=amp, **kwargs)
+
+    monkeypatch.setattr(objective, "probe_steps", probe)
+    monkeypatch.setattr(objective, "fit", recording_fit)
+    result = run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))))
+    assert result.code == 0, result
+    [trial] = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").trials
+    assert trial.user_attrs["precision"] == chosen
+    assert trial.user_attrs["step_seconds"] == {"fp32": costs[0], "bf16": costs[1]}
+    assert used == [BF16 if chosen == "bf16" else None]
+
+
+def test_an_explicit_precision_trains_in_it_without_probing(run_cli, write_study, monkeypatch) -> None:
+    monkeypatch.setattr(objective, "probe_steps", lambda *a, **k: pytest.fail("probed with a fixed precision"))
+    result = run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))),
+                     "--precision", "fp32")
+    assert result.code == 0, result
+    [trial] = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").trials
+    assert trial.user_attrs["precision"] == "fp32" and "step_seconds" not in trial.user_attrs
+
+
+def _trained(tmp_path, amp: torch.dtype | None):
+    """A small BatchNorm CNN trained 3 epochs on an easy synthetic problem with a fixed seed, in ``amp``."""
+    data = load("synthetic:classes=4,size=16,train=1024,test=64", data_dir=tmp_path, cache_dir=tmp_path,
+                device=CPU, val_fraction=0.25)
+    space = resolve_space(PARAMS, {}, where="test")
+    params = {"conv_layers": 2, "channels_0": 16, "channels_1": 32, "kernel_size": 3, "padding": "same",
+              "stride": 1, "pool": "max", "pool_kernel": 2, "batch_norm": True, "fc_layers": 1,
+              "optimizer": "adam", "lr": 0.003, "weight_decay": 1e-5, "scheduler": "cosine", "batch_size": 64,
+              "label_smoothing": 0.0, "augmentation": "none"}
+    config = suggest(replay(params, space), space, 3, data.info)
+    torch.manual_seed(0)
+    built = build(config, data.info)
+    result = fit(built, data, config.train, device=CPU, seed=0, amp=amp)
+    return built, result
+
+
+@needs_bf16
+def test_bf16_training_reaches_fp32_accuracy_and_keeps_fp32_weights(tmp_path) -> None:
+    fp32_built, fp32 = _trained(tmp_path, None)
+    bf16_built, bf16 = _trained(tmp_path, BF16)
+    assert fp32.best_val_accuracy > 0.9  # the problem is learnable in 3 epochs: a real comparison
+    assert abs(bf16.best_val_accuracy - fp32.best_val_accuracy) <= 0.03
+    # autocast computes in bf16 but the parameters, buffers and so the checkpoints and saved models stay fp32
+    assert {t.dtype for t in bf16_built.model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+
+
+@needs_bf16
+def test_a_model_trained_in_bf16_saves_and_loads_in_fp32(run_cli, write_study, tmp_path) -> None:
+    path = write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))
+    assert run_cli("run", str(path), "--precision", "bf16").code == 0
+    result = run_cli("evaluate", "tiny", "--seeds", "1", "--save", str(tmp_path / "models"), "--precision", "bf16")
+    assert result.code == 0, result
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db")
+    assert study.user_attrs["evaluate:0"]["runs"][0]["precision"] == "bf16"
+    [weights] = (tmp_path / "models").glob("*.pt")
+    assert {t.dtype for t in torch.load(weights, weights_only=True).values() if t.is_floating_point()} == {
+        torch.float32}
+    model = load_model(weights)
+    logits = model(torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8))  # synthetic: grey 12x12
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3)

@@ -1,0 +1,146 @@
+"""Screening cheaply, then promoting: ``rungs`` train each configuration first on a shorter COMPLETE schedule and
+part of the images; Optuna's successive-halving pruner promotes the best to the next rung, the last rung is the
+study's own training."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpsearch import objective
+from hpsearch.spec import Rung, load_spec
+from hpsearch.study import make_pruner, rung_step
+from tests.conftest import ONE_CONFIG_SPACE, study_text
+
+STORAGE = "sqlite:///hpsearch.db"
+DATA = 'dataset = "synthetic:classes=3,size=12,train=400,test=32"'
+RUNGS = 'rungs = [{ epochs = 1, train_fraction = 0.25 }, { epochs = 2, train_fraction = 0.5 }]'
+
+
+def _study(write_study, extra: str, **kwargs):
+    return write_study(text=study_text(dataset=DATA, extra=extra, **kwargs))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('rungs = [{ epochs = 4 }]', "rungs[0].epochs = 4 must be an integer >= 1 and <= epochs (3)"),
+    ('rungs = [{ epochs = 1, train_fraction = 0 }]', "rungs[0].train_fraction = 0 must be a number with 0 < "
+                                                     "train_fraction <= 1"),
+    ('rungs = [{ epochs = 1, images = 5 }]', "rungs[0].images = 5 is not a rung key; allowed: epochs, train_fraction"),
+    ('rungs = [{ epochs = 2, train_fraction = 0.5 }, { epochs = 1, train_fraction = 0.5 }]',
+     'rungs[0] = {"epochs": 2, "train_fraction": 0.5} must cost less (epochs x train_fraction = 1) than rungs[1] '
+     "(0.5)"),
+    ('rungs = [{ epochs = 3 }]', 'rungs[0] = {"epochs": 3} must cost less (epochs x train_fraction = 3) than the '
+                                 "study's own 3 epochs on all its images (3)"),
+    ('rungs = "fast"', 'rungs = "fast" must be an array of at most 8 tables such as '
+                       '[{ epochs = 2, train_fraction = 0.1 }]'),
+    (RUNGS + '\npruner = "median"', 'pruner = "median" with rungs must be "successive-halving" (it promotes the best '
+                                    'of each rung to the next) or "none"'),
+    (RUNGS + '\npruner = { type = "successive-halving", min_resource = 2 }',
+     "pruner.min_resource = 2 is set by the rungs (each rung is one step); leave it out"),
+    ('tta = "mirror"', 'tta = "mirror" is not known; allowed: none, flip, flip-translate'),
+])
+def test_bad_rungs_and_tta_are_one_line_errors(run_cli, write_study, extra, message) -> None:
+    path = _study(write_study, extra, epochs=3)
+    result = run_cli("run", str(path))
+    assert result.code == 2
+    assert result.err == f"error: {path}: {message}\n"
+
+
+def test_rungs_default_to_successive_halving_on_rung_steps(write_study) -> None:
+    spec = load_spec(_study(write_study, RUNGS, epochs=3))
+    assert spec.rungs == (Rung(1, 0.25), Rung(2, 0.5))
+    assert spec.pruner == {"type": "successive-halving"}
+    assert [rung_step(spec, k) for k in range(2)] == [1, 3]  # reduction factor 3: SH's promotion steps
+    pruner = make_pruner(spec)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert spec.to_dict()["rungs"] == [{"epochs": 1, "train_fraction": 0.25}, {"epochs": 2, "train_fraction": 0.5}]
+    assert "rungs" not in load_spec(_study(write_study, "")).to_dict()  # stored studies without rungs compare equal
+
+
+def test_each_rung_is_a_complete_cheaper_training_and_only_promoted_trials_go_on(run_cli, write_study,
+                                                                                monkeypatch) -> None:
+    trained: list[tuple[int, int, int]] = []  # (trial, epochs of the schedule, training images)
+    real_fit = objective.fit
+
+    def recording_fit(built, data, config, **kwargs):
+        result = real_fit(built, data, config, **kwargs)
+        trained.append((-1, config.epochs, len(data.train)))
+        return result
+
+    monkeypatch.setattr(objective, "fit", recording_fit)
+    pruner = 'pruner = { type = "successive-halving", dead_trial = false }'
+    path = _study(write_study, RUNGS + f'\nsampler = {{ type = "random" }}\n{pruner}', epochs=3, n_trials=6)
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    study = optuna.load_study(study_name="tiny", storage=STORAGE)
+    n_train = 400 - 40  # val_fraction 0.1
+    assert {(e, n) for _, e, n in trained} <= {(1, round(n_train * 0.25)), (2, round(n_train * 0.5)), (3, n_train)}
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert complete and pruned  # successive halving stopped some after a rung
+    for t in complete:
+        assert set(t.intermediate_values) == {1, 3}  # both rungs reported at their steps, then the full training
+        assert t.user_attrs["config"]["train"]["epochs"] == 3
+    for t in pruned:
+        assert set(t.intermediate_values) in ({1}, {1, 3})
+    assert any(p.user_attrs.get("rung") == 0 for p in pruned)
+    # every trial trained rung 0; fewer trained rung 1; fewer still the full schedule
+    counts = [sum(e == epochs for _, e, _ in trained) for epochs in (1, 2, 3)]
+    assert counts[0] == 6 and counts[0] >= counts[1] >= counts[2] == len(complete)
+    assert "not promoted after rung" in result.out
+
+
+def test_a_retry_resumes_in_the_rung_it_died_in(tmp_path, monkeypatch) -> None:
+    """A trial killed in rung 1 resumes there from its checkpoint, not from rung 0 (whose value it inherited)."""
+    import warnings
+
+    import torch
+
+    from hpsearch import artifacts
+    from hpsearch.data import load
+    from hpsearch.storage import MAX_RETRY, open_storage
+    from hpsearch.study import open_study
+
+    path = tmp_path / "study.toml"
+    path.write_text(study_text(dataset=DATA, epochs=3, n_trials=1, space=ONE_CONFIG_SPACE,
+                               extra=RUNGS + '\npruner = "none"'))
+    spec = load_spec(path)
+    cpu = torch.device("cpu")
+    data = load(spec.dataset, data_dir=tmp_path, cache_dir=tmp_path, device=cpu, val_fraction=spec.val_fraction)
+    study = open_study(spec, open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    store = artifacts.open_artifact_store(str(tmp_path / "artifacts"))
+    run = objective.make_objective(spec, data, device=cpu, store=store)
+
+    class Killed(Exception):
+        pass
+
+    real_fit = objective.fit
+    stages: list[tuple[int, int | None]] = []
+
+    def dying_fit(built, data_, config, *, resume=None, **kwargs):
+        stages.append((config.epochs, None if resume is None else resume["epoch"]))
+        if config.epochs == 2 and resume is None:  # rung 1: killed after its first epoch's checkpoint
+            def on_epoch(epoch, result):
+                if epoch == 1:
+                    raise Killed
+            kwargs["on_epoch"] = on_epoch
+        return real_fit(built, data_, config, resume=resume, **kwargs)
+
+    monkeypatch.setattr(objective, "fit", dying_fit)
+    trial = study.ask()
+    with pytest.raises(Killed):
+        run(trial)
+    study.tell(trial.number, state=TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
+            study, study.trials[trial.number])
+    retry = study.ask()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = run(retry)
+    study.tell(retry.number, value)
+    # first try: rung 0, then rung 1 killed after epoch 0's checkpoint; the retry: rung 1 from epoch 0, then full
+    assert stages == [(1, None), (2, None), (2, 0), (3, None)]
+    assert set(study.trials[retry.number].intermediate_values) == {1, 3}

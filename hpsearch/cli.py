@@ -330,12 +330,16 @@ def evaluate(
     name: str = typer.Argument(..., help="Study name."),
     storage: str | None = StorageOpt,
     top: int = typer.Option(1, "--top", help="How many of the best complete trials to evaluate."),
+    trial_numbers: list[int] = typer.Option([], "--trial", help="Evaluate this complete trial (repeat for several) "
+                                            "instead of the best --top ones."),
     seeds: int = typer.Option(3, "--seeds", help="Retraining runs per trial (seeds derived from the study seed)."),
-    epochs: str = typer.Option("best", "--epochs", help="best: the trial's best epoch count; max: its full budget; "
-                               "N: N epochs with the LR schedule stretched to N (a longer final training)."),
+    epochs: str | None = typer.Option(None, "--epochs", show_default="the study's final.epochs, else best",
+                                      help="best: the trial's best epoch count; max: its full budget; N: N epochs "
+                                      "with the LR schedule stretched to N (a longer final training)."),
     train_fraction: float | None = typer.Option(None, "--train-fraction",
                                                 help="Retrain on this part of the training images, plus val "
-                                                "(default: the study's train_fraction; 1: all of them)."),
+                                                "(default: the study's final.train_fraction, else its "
+                                                "train_fraction; 1: all of them)."),
     save: Path | None = typer.Option(None, "--save", help="Save each retrained model here (hpsearch.load_model)."),
     data_dir: Path | None = DataDirOpt,
     cache_dir: Path | None = CacheDirOpt,
@@ -350,7 +354,7 @@ def evaluate(
     from hpsearch import evaluate as final
     from hpsearch.devices import check_precision, configure_threads, resolve_device
 
-    final.check_options(top=top, seeds=seeds, epochs=epochs, train_fraction=train_fraction)
+    final.check_options(top=top, seeds=seeds, epochs=epochs or "best", train_fraction=train_fraction)
     rdb = open_storage(storage, create=False)
     spec = load_spec_from_study(rdb, name)
     study = load_existing(rdb, name)
@@ -367,7 +371,7 @@ def evaluate(
                                 data_dir=data_dir or default_data_dir(),
                                 cache_dir=cache_dir or default_cache_dir(), device=dev,
                                 train_fraction=train_fraction, save_dir=save, progress=progress,
-                                precision=precision)
+                                precision=precision, trials=trial_numbers)
     table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
                   title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
     for r in rows:
@@ -375,7 +379,7 @@ def evaluate(
         table.add_row(str(r.number), f"{r.val_accuracy:.4f}", f"{r.mean:.4f} ± {r.std:.4f}{note}",
                       str(len(r.accuracies)), str(r.epochs), str(r.param_count), f"{r.seconds_per_epoch:.1f}")
     console.print(table)
-    fraction = spec.train_fraction if train_fraction is None else train_fraction
+    fraction = next(f for f in (train_fraction, spec.final_train_fraction, spec.train_fraction) if f is not None)
     if fraction < 1:
         console.print(f"retrained on {fraction:.0%} of the training images plus val, as the search trained "
                       f"(--train-fraction 1: all of them)")

@@ -87,14 +87,16 @@ def configure_threads(threads: int | None) -> int:
 def cost_clock(device: torch.device) -> Callable[[], float]:
     """A clock for what a training costs, not for how long it waited: the cost caps and the precision probe read it.
 
-    On a CPU, the CPU time of the calling (training) thread. OpenMP's main thread runs the serial part of every
-    step and its share of each parallel region, so on an idle machine it advances like the wall clock, while the
-    time another process holds the core is not counted (and the threads' waits sleep, see ``configure_threads``).
-    Measured on the 2-core CPU beside a busy process: wall time per step 2.6x, this clock 1.0x (benchmarks/README.md).
+    On a CPU, this process's CPU time divided by its threads: what the work would take spread over all its threads,
+    which on an idle machine is at most the wall time. The time another process holds a core is not counted, and
+    with OMP_WAIT_POLICY=PASSIVE (``configure_threads``) neither is the time a thread waits for its preempted
+    sibling. Measured on the 2-core CPU beside one busy process (benchmarks/README.md, "A shared CPU"): wall time per
+    step 1.5-2.2x, this clock 0.9-1.0x.
     On a GPU, the wall clock: the time is the device's, which another CPU process does not take.
     """
-    if device.type == "cpu" and hasattr(time, "CLOCK_THREAD_CPUTIME_ID"):
-        return time.thread_time
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return lambda: time.process_time() / threads
     return time.perf_counter
 
 

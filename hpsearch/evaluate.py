@@ -39,7 +39,7 @@ from hpsearch.results import attr_key, stored
 from hpsearch.space import Fixed, Space
 from hpsearch.spec import StudySpec, spec_from_dict
 from hpsearch.strategies import STRATEGIES
-from hpsearch.train import BatchPrep, Diverged, FitResult, fit, probe_steps, tta_logits
+from hpsearch.train import PROBE_BATCH, BatchPrep, Diverged, FitResult, fit, probe_steps, tta_logits
 from hpsearch.train import evaluate as accuracy_on
 
 EPOCH_MODES = ("best", "max")
@@ -73,6 +73,22 @@ class Row:
 def ranked(study: optuna.Study, top: int) -> list[FrozenTrial]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))[:top]
+
+
+def chosen(study: optuna.Study, numbers: list[int]) -> list[FrozenTrial]:
+    """The trials ``--trial N`` names, in that order; each must be complete (a pruned trial has no final value)."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    out = []
+    for n in dict.fromkeys(numbers):
+        trial = trials.get(n)
+        if trial is None or trial.state != TrialState.COMPLETE:
+            complete = [t.number for t in trials.values() if t.state == TrialState.COMPLETE]
+            what = "does not exist" if trial is None else f"is {trial.state.name}"
+            shown = ", ".join(map(str, complete[:20])) + (", ..." if len(complete) > 20 else "")
+            raise SpecError(f"--trial {n}: trial {n} of study {study.study_name!r} {what}; only complete trials are "
+                            f"evaluated (complete: {shown or 'none'})")
+        out.append(trial)
+    return out
 
 
 def check_options(*, top: int, seeds: int, epochs: str, train_fraction: float | None = None) -> None:
@@ -109,7 +125,7 @@ def evaluate_study(
     *,
     top: int,
     seeds: int,
-    epochs: str,
+    epochs: str | None,
     data_dir: Path,
     cache_dir: Path,
     device: torch.device,
@@ -117,20 +133,25 @@ def evaluate_study(
     save_dir: Path | None = None,
     progress: Progress | None = None,
     precision: str = "auto",
+    trials: list[int] | None = None,
 ) -> list[Row]:
-    """Retrains and tests the best ``top`` complete trials ``seeds`` times; seeds already stored are skipped.
+    """Retrains and tests the best ``top`` complete trials (or the ``trials`` named) ``seeds`` times; seeds already
+    stored are skipped. ``epochs`` None and ``train_fraction`` None: the study file's ``final`` training, else the
+    trial's best epoch count and the study's train_fraction.
     ``train_fraction`` (default: the study's) is the part of the training set retrained on, plus val. ``precision``:
     --precision (auto: measured on the retrained model, as a trial does)."""
+    epochs = epochs or (str(spec.final_epochs) if spec.final_epochs is not None else "best")
+    train_fraction = spec.final_train_fraction if train_fraction is None else train_fraction
     check_options(top=top, seeds=seeds, epochs=epochs, train_fraction=train_fraction)
-    trials = ranked(study, top)
-    if not trials:
+    picked = chosen(study, trials) if trials else ranked(study, top)
+    if not picked:
         raise HpsearchError(f"study {study.study_name!r} has no complete trial to evaluate")
     fraction = spec.train_fraction if train_fraction is None else train_fraction
     final = load_final(spec.dataset, data_dir=data_dir, cache_dir=cache_dir, device=device,
                        val_fraction=spec.val_fraction, train_fraction=fraction, seed=spec.seed)
     results = stored(study)
     rows = []
-    for trial in trials:
+    for trial in picked:
         n_epochs = epochs_for(trial, spec, epochs)
         schedule_epochs = n_epochs if _stretched(epochs) else spec.epochs
         setting: dict[str, Any] = {"epochs": n_epochs, "schedule_epochs": schedule_epochs, "train_fraction": fraction}
@@ -187,8 +208,9 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
     torch.manual_seed(seed)  # weight initialisation
     built = strategy.build(config, info)
     candidates = precision_candidates(precision, device)
-    amp = candidates[0] if len(candidates) == 1 else choose_precision(
-        probe_steps(built, final.data, config.train, device, candidates).cost)
+    amp = candidates[0] if len(candidates) == 1 else choose_precision(probe_steps(
+        built, final.data, config.train, device, candidates, batch=min(PROBE_BATCH, config.train.batch_size), warmup=2
+    ).cost)
     seen: list[FitResult] = []
 
     def on_epoch(epoch: int, result: FitResult) -> None:

@@ -50,10 +50,11 @@ _PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
 PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}
 TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "max_seconds_per_epoch", "max_flops",
             "val_fraction", "train_fraction",
-            "sampler", "pruner", "seed", "tta", "rungs", "space", "enqueue")
+            "sampler", "pruner", "seed", "tta", "rungs", "final", "space", "enqueue")
 TTA_LEVELS = ("none", "flip", "flip-translate")  # hpsearch.train.tta_logits
 MAX_RUNGS = 8
-BUDGET_KEYS = ("n_trials", "timeout")  # may change between runs of the same study without --force
+# May change between runs of the same study without --force: the budget, and the final training (evaluate's).
+BUDGET_KEYS = ("n_trials", "timeout", "final")
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,23 @@ class StudySpec:
     space: Space = field(compare=False, repr=False)
     tta: str = "none"  # test-time augmentation of the final validation and of the test (the same for every trial)
     rungs: tuple[Rung, ...] = ()  # cheaper complete trainings before the study's own (successive halving)
+    # evaluate's defaults: the final training's epochs (the schedule stretched to them) and part of the training
+    # images (plus val); None: the trial's best epoch count, the study's train_fraction
+    final_epochs: int | None = None
+    final_train_fraction: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The study file's content as plain data (what is stored on the study and compared on resume)."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in TOP_KEYS if k not in ("space", "enqueue")}
+        out: dict[str, Any] = {k: getattr(self, k) for k in TOP_KEYS if k not in ("space", "enqueue", "final")}
         # An absent budget stays absent; so do the keys newer than a stored study when they have their defaults.
         out = {k: v for k, v in out.items() if v is not None and not (k == "tta" and v == "none")
                and not (k == "rungs" and not v)}
         if self.rungs:
             out["rungs"] = [{"epochs": r.epochs, "train_fraction": r.train_fraction} for r in self.rungs]
+        final = {k: v for k, v in (("epochs", self.final_epochs), ("train_fraction", self.final_train_fraction))
+                 if v is not None}
+        if final:
+            out["final"] = final
         out["space"], out["enqueue"] = self.space_overrides, list(self.enqueue)
         return json.loads(json.dumps(out))
 
@@ -167,6 +176,7 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     tta = data.get("tta", "none")
     if not isinstance(tta, str) or tta not in TTA_LEVELS:
         raise fail("tta", tta, f"is not known; allowed: {', '.join(TTA_LEVELS)}")
+    final_epochs, final_fraction = _final(data.get("final", {}), fail)
 
     overrides = data.get("space", {})
     if not isinstance(overrides, dict):
@@ -204,7 +214,25 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
         max_seconds_per_epoch=max_seconds, max_flops=max_flops, val_fraction=val_fraction,
         train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
         space_overrides=overrides, enqueue=tuple(enqueue), space=space, tta=tta, rungs=rungs,
+        final_epochs=final_epochs, final_train_fraction=final_fraction,
     )
+
+
+def _final(raw: Any, fail: Any) -> tuple[int | None, float | None]:
+    """``final = { epochs = 10, train_fraction = 1.0 }``: what ``hpsearch evaluate`` trains by default."""
+    if not isinstance(raw, dict):
+        raise fail("final", raw, "must be a table such as { epochs = 10, train_fraction = 1.0 }")
+    for key in raw:
+        if key not in ("epochs", "train_fraction"):
+            raise fail(f"final.{key}", raw[key], "is not a key of final; allowed: epochs, train_fraction")
+    epochs = raw.get("epochs")
+    if epochs is not None and (type(epochs) is not int or not 1 <= epochs <= 10_000):
+        raise fail("final.epochs", epochs, "must be an integer >= 1 and <= 10000")
+    fraction = raw.get("train_fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)
+                                 or not 0 < fraction <= 1):
+        raise fail("final.train_fraction", fraction, "must be a number with 0 < train_fraction <= 1")
+    return epochs, None if fraction is None else float(fraction)
 
 
 def _rungs(raw: Any, epochs: int, fail: Any) -> tuple[Rung, ...]:

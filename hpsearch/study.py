@@ -116,7 +116,7 @@ def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pr
     knobs = {k: v for k, v in spec.pruner.items() if k != "type" and k not in DEAD_KNOBS}
     kind = spec.pruner["type"]
     if spec.rungs:
-        # Each rung is one step (rung_step); the objective applies the dead-trial rule itself, per epoch.
+        # Each rung is one step (rung_step). No dead-trial rule: a rung is short by design (objective.stages).
         if kind == "none":
             return optuna.pruners.NopPruner()
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, min_early_stopping_rate=0, **knobs)

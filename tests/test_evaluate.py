@@ -12,9 +12,10 @@ import torch
 
 import hpsearch
 from hpsearch import data as datasets
+from hpsearch import results
 from hpsearch.data import _load
 from hpsearch.evaluate import eval_seed
-from tests.conftest import ONE_CONFIG_SPACE
+from tests.conftest import ONE_CONFIG_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
 DATASET = "synthetic:classes=3,size=12,train=192,test=32"
@@ -154,3 +155,19 @@ def test_replay_fills_parameters_older_trials_did_not_store(write_study):
                          val_fraction=0.1)
     config = STRATEGIES["scratch"].suggest(replay(old, spec.space), spec.space, 2, data.info)
     assert (config.pool_after, config.train.milestones) == ("each", "auto")
+
+
+def test_evaluate_trial_picks_named_complete_trials_and_refuses_others(run_cli, write_study):
+    """--trial N retrains that trial (the search's best sampled one beside its best enqueued one, say); a pruned or
+    missing trial is a one-line error naming the complete ones."""
+    path = write_study(text=study_text(n_trials=3, epochs=1, extra='pruner = "none"'))
+    assert run_cli("run", str(path)).code == 0
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db")
+    worst = min(study.trials, key=lambda t: (t.value, -t.number)).number
+    result = run_cli("evaluate", "tiny", "--trial", str(worst), "--seeds", "1")
+    assert result.code == 0, result
+    assert set(results.stored(optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db"))) == {worst}
+    result = run_cli("evaluate", "tiny", "--trial", "7", "--seeds", "1")
+    assert result.code == 2
+    assert result.err == ("error: --trial 7: trial 7 of study 'tiny' does not exist; only complete trials are "
+                          "evaluated (complete: 0, 1, 2)\n")

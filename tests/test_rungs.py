@@ -39,6 +39,9 @@ def _study(write_study, extra: str, **kwargs):
     (RUNGS + '\npruner = { type = "successive-halving", min_resource = 2 }',
      "pruner.min_resource = 2 is set by the rungs (each rung is one step); leave it out"),
     ('tta = "mirror"', 'tta = "mirror" is not known; allowed: none, flip, flip-translate'),
+    ("final = { epochs = 0 }", "final.epochs = 0 must be an integer >= 1 and <= 10000"),
+    ("final = { steps = 1 }", "final.steps = 1 is not a key of final; allowed: epochs, train_fraction"),
+    ("final = { train_fraction = 2 }", "final.train_fraction = 2 must be a number with 0 < train_fraction <= 1"),
 ])
 def test_bad_rungs_and_tta_are_one_line_errors(run_cli, write_study, extra, message) -> None:
     path = _study(write_study, extra, epochs=3)
@@ -144,3 +147,17 @@ def test_a_retry_resumes_in_the_rung_it_died_in(tmp_path, monkeypatch) -> None:
     # first try: rung 0, then rung 1 killed after epoch 0's checkpoint; the retry: rung 1 from epoch 0, then full
     assert stages == [(1, None), (2, None), (2, 0), (3, None)]
     assert set(study.trials[retry.number].intermediate_values) == {1, 3}
+
+
+def test_evaluate_trains_the_study_files_final_training_by_default(run_cli, write_study) -> None:
+    """A study that searches on part of the images for few epochs says what its winner is trained with:
+    ``final``, which ``hpsearch evaluate`` uses unless --epochs / --train-fraction say otherwise."""
+    path = _study(write_study, "train_fraction = 0.5\nfinal = { epochs = 2, train_fraction = 1.0 }", epochs=1,
+                  n_trials=1, space=ONE_CONFIG_SPACE)
+    assert run_cli("run", str(path)).code == 0
+    assert run_cli("evaluate", "tiny", "--seeds", "1").code == 0
+    record = optuna.load_study(study_name="tiny", storage=STORAGE).user_attrs["evaluate:0"]
+    assert (record["epochs"], record["schedule_epochs"], record["train_fraction"]) == (2, 2, 1.0)
+    assert run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "1", "--train-fraction", "0.5").code == 0
+    record = optuna.load_study(study_name="tiny", storage=STORAGE).user_attrs["evaluate:0"]
+    assert (record["epochs"], record["train_fraction"]) == (1, 0.5)

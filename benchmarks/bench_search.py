@@ -17,7 +17,12 @@ evaluate. Results are in benchmarks/README.md.
 
 ``--eval-epochs N --eval-train-fraction 1`` make the final training longer than the search's (N epochs, the schedule
 stretched to N, on every training image): what a study file that searches on a subset for few epochs buys when its
-winner is then trained properly.
+winner is then trained properly. Without them, the study file's ``final`` training applies (else the trial's best
+epoch count on the study's images).
+
+``--compare-sampled`` (issue #23, "the search earns its keep"): evaluate also retrains the best complete *enqueued*
+trial and the best complete *sampled* one with the same final training and seeds (``evaluate --trial A --trial B``),
+and the table says what the search added over its best enqueued row: their test accuracies and the difference.
 
 ``--search-code DIR`` runs the search with the hpsearch of another checkout (the "before" figures: ``git worktree add
 /tmp/before COMMIT`` and the study file as it was then); evaluate is always this checkout's, so both are measured
@@ -81,6 +86,9 @@ class Outcome:
     test: list[float]  # per evaluate seed
     test_mean: float
     test_std: float  # as `hpsearch evaluate` stores it
+    # --compare-sampled: (trial, test mean, test std, seeds) of the best complete enqueued and sampled trials
+    enqueued_test: tuple[int, float, float, int] | None = None
+    sampled_test: tuple[int, float, float, int] | None = None
 
 
 def with_key(text: str, key: str, value: str) -> str:
@@ -106,6 +114,20 @@ def sampled_best(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, int] | 
     return max(sampled) if sampled else None
 
 
+def best_complete(trials: list[optuna.trial.FrozenTrial], *, enqueued: bool) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial that was (or was not) an enqueued row."""
+    mine = [t for t in trials if t.state == TrialState.COMPLETE and ("fixed_params" in t.system_attrs) == enqueued]
+    return max(mine, key=lambda t: (t.value or 0.0, -t.number)) if mine else None
+
+
+def tested(study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> tuple[int, float, float, int] | None:
+    if trial is None:
+        return None
+    record = results.stored(study).get(trial.number, {})
+    runs = record.get("runs", [])
+    return trial.number, float(record.get("mean", float("nan"))), float(record.get("std", 0.0)), len(runs)
+
+
 def hpsearch(*args: str, code: Path = ROOT) -> float:
     """Runs ``hpsearch ARGS`` from the checkout ``code`` (its output goes to this terminal); returns its wall seconds.
 
@@ -128,13 +150,17 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
     own_cache = ["--cache-dir", str(work / "cache-search-code")] if args.search_code else []
     run_seconds = hpsearch("run", str(study_file), "--timeout", str(args.budget), "--n-trials", "100000", *common,
                            *own_cache, code=args.search_code or ROOT)
-    final = ["--epochs", args.eval_epochs] + (["--train-fraction", str(args.eval_train_fraction)]
-                                              if args.eval_train_fraction is not None else [])
+    final = ((["--epochs", args.eval_epochs] if args.eval_epochs is not None else [])
+             + (["--train-fraction", str(args.eval_train_fraction)] if args.eval_train_fraction is not None else []))
     eval_seconds = hpsearch("evaluate", name, "--top", str(args.top), "--seeds", str(args.eval_seeds), *final,
                             *common)
 
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
+    pair = [best_complete(trials, enqueued=True), best_complete(trials, enqueued=False)]
+    if args.compare_sampled and all(pair):
+        named = [a for t in pair if t is not None for a in ("--trial", str(t.number))]
+        eval_seconds += hpsearch("evaluate", name, *named, "--seeds", str(args.eval_seeds), *final, *common)
     chance = 1.0 / args.classes + DEAD_MARGIN
     at_chance = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                     if t.datetime_complete is not None and t.datetime_start is not None and t.intermediate_values
@@ -151,6 +177,8 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
         sampled_best=sampled_best(trials), epochs=sum(len(t.intermediate_values) for t in trials),
         test=[r["test_accuracy"] for r in stored.get("runs", [])],
         test_mean=float(stored.get("mean", float("nan"))), test_std=float(stored.get("std", 0.0)),
+        enqueued_test=tested(study, pair[0]) if args.compare_sampled else None,
+        sampled_test=tested(study, pair[1]) if args.compare_sampled else None,
     )
 
 
@@ -164,14 +192,23 @@ def table(outcomes: list[Outcome], args: argparse.Namespace) -> str:
                     f"{o.test_mean:.4f} ± {o.test_std:.4f} ({len(o.test)}) | "
                     f"{o.complete} / {o.pruned} / {o.rejected} / {o.failed} | {o.epochs} | {o.at_chance_seconds:.0f} "
                     f"({o.at_chance_seconds / o.run_seconds:.0%}) | {o.run_seconds:.0f} | {o.eval_seconds:.0f} |")
+    if args.compare_sampled:
+        rows += ["", "What the search added over its best enqueued row (same final training, same seeds):", "",
+                 "| pruner | study seed | best enqueued: test (trial) | best sampled: test (trial) | sampled - "
+                 "enqueued |", "|---" * 5 + "|"]
+        for o in outcomes:
+            e, p = o.enqueued_test, o.sampled_test
+            cells = [f"{t[1]:.4f} ± {t[2]:.4f} ({t[0]}, {t[3]} seeds)" if t else "no complete trial" for t in (e, p)]
+            diff = f"{(p[1] - e[1]) * 100:+.2f} points" if e and p else "-"
+            rows.append(f"| {o.pruner} | {o.seed} | {cells[0]} | {cells[1]} | {diff} |")
     for pruner in dict.fromkeys(o.pruner for o in outcomes):
         mine = [o for o in outcomes if o.pruner == pruner]
         tests = [o.test_mean for o in mine if o.test]
         if len(mine) > 1 and tests:
             test = f"{statistics.fmean(tests):.4f} ± {statistics.pstdev(tests):.4f} (over study seeds)"
             rows.append(f"| {pruner} | mean | {statistics.fmean(o.best_val for o in mine):.4f} | | {test} | | | | | |")
-    final = f" --epochs {args.eval_epochs}" + (f" --train-fraction {args.eval_train_fraction:g}"
-                                               if args.eval_train_fraction is not None else "")
+    final = (f" --epochs {args.eval_epochs}" if args.eval_epochs is not None else "") + (
+        f" --train-fraction {args.eval_train_fraction:g}" if args.eval_train_fraction is not None else "")
     return (f"`{args.study_file}`, budget {args.budget:g} s per study seed, evaluate --top {args.top} --seeds "
             f"{args.eval_seeds}{final}\n\n" + "\n".join(rows) + "\n")
 
@@ -186,8 +223,10 @@ def main() -> None:
     parser.add_argument("--pruners", nargs="+", default=["file"], choices=["file", *PRUNERS],
                         help="pruners to compare ('file': the study file's own)")
     parser.add_argument("--top", type=int, default=1)
-    parser.add_argument("--eval-epochs", default="best", help="evaluate --epochs: best | max | N (a longer final "
-                        "training, the schedule stretched to N)")
+    parser.add_argument("--eval-epochs", default=None, help="evaluate --epochs: best | max | N (a longer final "
+                        "training, the schedule stretched to N); default: the study file's final, else best")
+    parser.add_argument("--compare-sampled", action="store_true",
+                        help="also test the best enqueued and the best sampled trial with the same final training")
     parser.add_argument("--eval-train-fraction", type=float,
                         help="evaluate --train-fraction (default: the study's; 1: every training image)")
     parser.add_argument("--classes", type=int, default=10, help="classes of the dataset (chance = 1 / classes)")

@@ -1,5 +1,6 @@
 """Training-path benchmark: hpsearch's device-resident batch step against a seed-style PIL/DataLoader pipeline, the
-compute floor, the augmentation levels, Optuna's per-trial overhead and one trial's peak memory.
+compute floor, the augmentation levels, Optuna's per-trial overhead, one trial's peak memory, and fp32 against bf16
+for three network sizes (with what ``--precision auto`` picks for each).
 
     .venv/bin/python benchmarks/bench_train.py --data-dir ../shared/datasets
 
@@ -33,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 
 from hpsearch.data import Data, DataInfo, Split, default_cache_dir, read_raw  # noqa: E402
 from hpsearch.data import _readers as readers  # noqa: E402
-from hpsearch.devices import configure_threads, resolve_device  # noqa: E402
-from hpsearch.spec import spec_from_dict  # noqa: E402
+from hpsearch.devices import choose_precision, configure_threads, cpu_bf16_native, resolve_device  # noqa: E402
+from hpsearch.evaluate import replay  # noqa: E402
+from hpsearch.spec import load_spec, spec_from_dict, split_row  # noqa: E402
 from hpsearch.storage import open_storage  # noqa: E402
-from hpsearch.strategies.scratch import ScratchConfig, build  # noqa: E402
+from hpsearch.strategies.scratch import ScratchConfig, build, suggest  # noqa: E402
 from hpsearch.study import open_study, run_trials  # noqa: E402
-from hpsearch.train import Built, TrainConfig, channels_last, fit  # noqa: E402
+from hpsearch.train import PROBE_BATCH, Built, TrainConfig, channels_last, fit, probe_steps  # noqa: E402
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BATCH = 64  # the report's batch size, both pipelines
@@ -256,7 +258,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (rows 1-3 run on it)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: available cores)")
     ap.add_argument("--compile", action="store_true", help="also time hpsearch base with torch.compile")
-    ap.add_argument("--skip", default="", help="comma-separated rows to skip: seed,floor,levels,optuna,rss")
+    ap.add_argument("--skip", default="", help="comma-separated rows to skip: seed,floor,levels,optuna,rss,precision")
+    ap.add_argument("--precision-images", type=int, default=10_240, help="training images per precision epoch")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # as hpsearch's CLI does
     skip = set(filter(None, args.skip.split(",")))
@@ -320,6 +323,8 @@ def main() -> None:
     if "rss" not in skip:
         mib, which = trial_peak_rss(args.data_dir, cache_dir, what.startswith("CIFAR-10"), threads)
         rows.append(("5. peak RSS, one trial (base CNN, 1 epoch)", f"{mib:.0f} MiB", which, "report"))
+    if "precision" not in skip and device.type == "cpu":
+        rows += precision_rows(data, device, min(args.precision_images, n), args.repeats)
 
     widths = [max(len(r[i]) for r in rows + [("row", "measured", "ratio", "goal")]) for i in range(4)]
     line = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
@@ -328,6 +333,57 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line.format(*row))
+
+
+# ---------------------------------------------------------------- fp32 against bf16 (issue #23)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def precision_models(info: DataInfo) -> dict[str, tuple[ScratchConfig, int]]:
+    """Three sizes: the report's base CNN (0.65 M MACs), a 3-block 32-64-128 BatchNorm CNN (~40 M MACs at 32 px) and
+    studies/cifar10-fast.toml's enqueued airbench94-class network (118 M MACs), each at its own batch size."""
+    three = replace(BASE_CNN, channels=(32, 64, 128), kernel_size=3, padding="same", batch_norm=True, fc_widths=(),
+                    train=replace(TRAIN, batch_size=128))
+    spec = load_spec(ROOT / "studies" / "cifar10-fast.toml")
+    airbench = suggest(replay(split_row(spec.enqueue[0])[0], spec.space), spec.space, 1, info)
+    return {"base CNN (report), batch 64": (BASE_CNN, 64), "3-block 32-64-128 BN CNN, batch 128": (three, 128),
+            "airbench94-class (cifar10-fast), batch 1024": (replace(airbench, train=replace(airbench.train, epochs=1)),
+                                                            1024)}
+
+
+def precision_epoch(config: ScratchConfig, data: Data, device: torch.device, amp: torch.dtype | None) -> float:
+    """One epoch of ``config`` through hpsearch.train.fit in ``amp`` (set-up and a 256-image evaluation included)."""
+    torch.manual_seed(0)
+    built = build(config, data.info)
+    t0 = time.perf_counter()
+    fit(built, data, config.train, device=device, seed=0, amp=amp)
+    return time.perf_counter() - t0
+
+
+def precision_rows(data: Data, device: torch.device, images: int, repeats: int) -> list[tuple[str, str, str, str]]:
+    subset = Data(train=Split(data.train.x[:images], data.train.y[:images]), val=data.val, info=data.info)
+    rows = []
+    for name, (config, batch) in precision_models(data.info).items():
+        dtypes: tuple[torch.dtype | None, ...] = (None, torch.bfloat16) if cpu_bf16_native() else (None,)
+        times = {d: math.inf for d in dtypes}
+        precision_epoch(config, subset, device, dtypes[-1])  # warm-up: bf16 kernels are built on first use
+        for _ in range(repeats):
+            for d in dtypes:
+                times[d] = min(times[d], precision_epoch(config, subset, device, d))
+        torch.manual_seed(0)
+        probe = probe_steps(build(config, data.info), subset, config.train, device, dtypes,
+                            batch=min(PROBE_BATCH, batch), warmup=2)
+        auto = "bf16" if choose_precision(probe.cost) == torch.bfloat16 else "fp32"
+        if len(dtypes) == 1:
+            rows.append((f"6. {name}", f"fp32 {images / times[None]:.0f} img/s", "no native bf16 on this CPU",
+                         f"auto: {auto}"))
+            continue
+        r = times[None] / times[torch.bfloat16]
+        goal = _goal(r >= 2.5, ">= 2.5x") if name.startswith("airbench") else "report"
+        rows.append((f"6. {name}", f"fp32 {images / times[None]:.0f} img/s, bf16 {images / times[torch.bfloat16]:.0f}"
+                     f" img/s", f"bf16 {r:.2f}x faster; auto: {auto}", goal))
+    return rows
 
 
 def _goal(met: bool, goal: str) -> str:

@@ -164,8 +164,10 @@ class WeightAverage:
     """Weight averaging over training; the model holds the average at the end of every epoch (validation, the
     checkpoint and the final model see it).
 
-    ``ema``: an exponential moving average of the weights and BatchNorm statistics (decay ``ema_decay`` per step),
-    swapped into the model for validation and kept there after the last epoch.
+    ``ema``: an exponential moving average of the weights and BatchNorm statistics, swapped into the model for
+    validation and kept there after the last epoch. Its decay per step warms up as min(ema_decay, (1 + t) / (10 + t))
+    (TensorFlow's ExponentialMovingAverage with num_updates): a fixed 0.999 averages over ~1,000 steps, so a
+    training of a few hundred (a rung) ended at the initial weights' accuracy (CIFAR-10: chance, bench_fidelity).
     ``lookahead``: airbench94's: from 30% of the steps on, every 5 steps the average moves towards the weights
     (decay 0.95^5 x progress^3, so it averages harder as training ends) and is copied back into them.
     """
@@ -190,8 +192,9 @@ class WeightAverage:
         """After optimizer step number ``step`` (1-based)."""
         if self.kind == "ema":
             assert self.average is not None
+            decay = min(self.decay, (1 + step) / (10 + step))
             for a, t in zip(self.average, self._tensors(), strict=True):
-                a.lerp_(t, 1 - self.decay)
+                a.lerp_(t, 1 - decay)
         elif self.kind == "lookahead" and step >= self.LOOKAHEAD_START * self.total_steps \
                 and step % self.LOOKAHEAD_EVERY == 0:
             tensors = self._tensors()

@@ -187,3 +187,27 @@ def test_the_before_figures_run_the_search_with_the_other_checkout(tmp_path):
     marker = tmp_path / "which hpsearch ran"
     bench.hpsearch("run", str(marker), code=old)
     assert Path(marker.read_text()) == (old / "hpsearch" / "__main__.py").resolve()
+
+
+def test_the_search_comparison_picks_the_best_enqueued_and_the_best_sampled_complete_trial():
+    """bench_search --compare-sampled retrains both with the same final training: what the search added over its
+    starting point (issue #23). Pruned trials (not promoted from a rung, say) have no final value: never picked."""
+    bench = _bench_search()
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.0})
+    study.enqueue_trial({"x": 0.1})
+    values = {0: 0.80, 1: 0.85, 2: 0.90, 3: 0.99, 4: 0.70}
+
+    def objective_fn(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0.0, 1.0)
+        if trial.number == 3:
+            trial.report(values[3], 1)
+            raise optuna.TrialPruned()  # a sampled trial's rung value: not a final one
+        return values[trial.number]
+
+    study.optimize(objective_fn, n_trials=5)
+    trials = study.get_trials()
+    enqueued, sampled = bench.best_complete(trials, enqueued=True), bench.best_complete(trials, enqueued=False)
+    assert enqueued is not None and enqueued.number == 1
+    assert sampled is not None and sampled.number == 2
+    assert bench.best_complete(trials[:2], enqueued=False) is None

@@ -299,3 +299,17 @@ def test_tta_is_a_study_setting_not_a_sampled_parameter(run_cli, write_study, mo
     with_tta = [value for tta, value in calls if tta != "none"]
     assert [tta for tta, _ in calls if tta != "none"] == ["flip", "flip"]  # once per trial, after its last epoch
     assert [t.value for t in study.trials] == with_tta
+
+
+def test_ema_warms_up_so_a_short_training_is_not_averaged_into_its_initial_weights() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage("ema", model, total_steps=100, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average.update(1)  # decay min(0.999, 2/11): the average moves most of the way at once
+    assert average.average is not None and average.average[0].item() == pytest.approx(1 - 2 / 11)
+    for step in range(2, 5000):
+        average.update(step)
+    assert average.average[0].item() == pytest.approx(1.0, abs=1e-3)

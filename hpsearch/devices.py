@@ -22,6 +22,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # probe's noise, and bf16 rounds the activations, so a tie goes to fp32.
 BF16_MIN_SPEEDUP = 1.1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_STAT = Path("/proc/stat")
+THREADS = {"configured": torch.get_num_threads()}  # the intra-op threads this process may use (configure_threads)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,21 +83,85 @@ def configure_threads(threads: int | None) -> int:
     """
     n = threads if threads else available_cpus()
     torch.set_num_threads(n)
+    THREADS["configured"] = n
     return n
+
+
+def _busy_seconds(cores: set[int], stat: Path) -> float | None:
+    """CPU seconds the given cores have spent busy (user, nice, system, irq, softirq, steal) since boot, by anyone."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+            busy += user + nice + system + irq + softirq + steal
+    return busy / ticks
+
+
+class LoadAwareThreads:
+    """Fits torch's intra-op threads to the cores other processes leave free; ``poll`` (every training step) looks
+    again every ``interval`` seconds. Other processes' share of this process's cores is their busy time in
+    /proc/stat minus this process's CPU time; the threads are the cores minus that share, rounded, at least one,
+    at most the configured count (and back up when the others stop).
+
+    Why: with two threads on two cores, every parallel region waits for the slower thread, and beside one busy
+    process one of them always is. Measured on the 2-core CPU (benchmarks/README.md, "A shared CPU"): an
+    airbench94-class step took 545-696 ms with 2 threads beside one busy process, 356 ms with 1 (357 ms alone, 190
+    ms with 2 threads alone); a small MNIST CNN 72-83 ms with 2 threads beside it, 71-74 ms with 1. Nothing changes
+    where /proc/stat cannot be read (not Linux)."""
+
+    def __init__(self, *, interval: float = 2.0, stat: Path = PROC_STAT) -> None:
+        self.most = THREADS["configured"]
+        self.restore()  # a training cut short (pruned) may have left fewer
+        try:
+            self.cores = set(os.sched_getaffinity(0))
+        except AttributeError:
+            self.cores = set()
+        self.interval, self.stat = interval, stat
+        self.last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float | None]:
+        return time.monotonic(), time.process_time(), _busy_seconds(self.cores, self.stat) if self.cores else None
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now - self.last[0] < self.interval or self.most <= 1:
+            return
+        sample = self._sample()
+        (t0, ours0, busy0), (t1, ours1, busy1) = self.last, sample
+        self.last = sample
+        if busy0 is None or busy1 is None:
+            return
+        others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)  # cores' worth used by other processes
+        threads = max(1, min(self.most, round(len(self.cores) - others)))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    def restore(self) -> None:
+        """The configured threads again (after a training): the next one starts from them."""
+        if torch.get_num_threads() != self.most:
+            torch.set_num_threads(self.most)
 
 
 def cost_clock(device: torch.device) -> Callable[[], float]:
     """A clock for what a training costs, not for how long it waited: the cost caps and the precision probe read it.
 
-    On a CPU, this process's CPU time divided by its threads: what the work would take spread over all its threads,
-    which on an idle machine is at most the wall time. The time another process holds a core is not counted, and
-    with OMP_WAIT_POLICY=PASSIVE (``configure_threads``) neither is the time a thread waits for its preempted
-    sibling. Measured on the 2-core CPU beside one busy process (benchmarks/README.md, "A shared CPU"): wall time per
-    step 1.5-2.2x, this clock 0.9-1.0x.
+    On a CPU, this process's CPU time divided by its configured threads: what the work would take spread over all
+    its threads, which on an idle machine is at most the wall time, and the same whether ``LoadAwareThreads`` runs
+    it on fewer. The time another process holds a core is not counted, and with OMP_WAIT_POLICY=PASSIVE
+    (``configure_threads``) neither is most of the time a thread waits for its preempted sibling. Measured on the
+    2-core CPU beside one busy process (benchmarks/README.md, "A shared CPU"): a small MNIST CNN's step 1.7-2.3x the
+    wall time, 1.0-1.2x on this clock; airbench94's with 2 threads 2.0x on this clock, with the 1 thread
+    LoadAwareThreads leaves it 1.0x.
     On a GPU, the wall clock: the time is the device's, which another CPU process does not take.
     """
     if device.type == "cpu":
-        threads = torch.get_num_threads()
+        threads = THREADS["configured"]
         return lambda: time.process_time() / threads
     return time.perf_counter
 

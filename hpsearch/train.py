@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hpsearch.augment import augment
 from hpsearch.data import Data, Split
-from hpsearch.devices import autocast_dtype, cost_clock
+from hpsearch.devices import LoadAwareThreads, autocast_dtype, cost_clock
 
 # ``amp`` of fit/evaluate when the caller does not decide: the device's default (CUDA's AMP; fp32 elsewhere).
 DEVICE_DEFAULT = "device"
@@ -383,6 +383,7 @@ def fit(
     # A compiled module wraps ``model``: checkpoints keep saving ``model``'s plain state_dict keys.
     forward = cast(nn.Module, torch.compile(model)) if compile else model
     clock = cost_clock(device)
+    threads = LoadAwareThreads() if device.type == "cpu" else None  # fewer threads while other processes run
 
     classes = data.info.num_classes
     confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
@@ -392,6 +393,8 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         perm = torch.randperm(n, device=device, generator=generator)
         for step in range(steps):
+            if threads is not None:
+                threads.poll()  # a clock read; /proc/stat every 2 s
             idx = perm[step * bs : (step + 1) * bs]
             flips = None if first_flip is None else first_flip[idx] ^ bool(epoch % 2)
             x = prep(data.train.x[idx], config.augmentation, generator, flips)
@@ -437,6 +440,8 @@ def fit(
                 "scheduler": None if scheduler is None else scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "average": average.state_dict(), "rng": _rng_states(generator, device), "result": asdict(result),
             })
+    if threads is not None:
+        threads.restore()
     return result
 
 

@@ -77,3 +77,36 @@ def test_optimizers_on_cpu_keep_torch_defaults_fused_only_on_cuda() -> None:
         config = TrainConfig(epochs=1, batch_size=2, optimizer=name, lr=0.1, weight_decay=0.0, momentum=0.9)
         optimizer = make_optimizer(config, [{"params": params}])
         assert not optimizer.param_groups[0]["fused"]  # the CUDA-only fused path is not taken on CPU
+
+
+def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoadAwareThreads: while other processes keep this process's cores busy (their time in /proc/stat, beyond this
+    process's own), training runs on the cores they leave; when they stop, on all the configured threads again."""
+    import os
+
+    from hpsearch import devices
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    stat = tmp_path / "stat"
+
+    def write(busy_ticks: int) -> None:  # per core: user nice system idle iowait irq softirq steal
+        stat.write_text("cpu  0 0 0 0 0 0 0 0\n" + "".join(f"cpu{c} {busy_ticks} 0 0 100 0 0 0 0 0 0\n"
+                                                          for c in (0, 1)))
+
+    before = torch.get_num_threads()
+    try:
+        configure_threads(2)
+        write(0)
+        governor = devices.LoadAwareThreads(interval=0.0, stat=stat)
+        write(10**9)  # the two cores were busy all along, and not with this process
+        governor.poll()
+        assert torch.get_num_threads() == 1
+        governor.poll()  # nothing more on the cores: the others stopped
+        assert torch.get_num_threads() == 2
+        write(2 * 10**9)
+        governor.poll()
+        assert torch.get_num_threads() == 1
+        governor.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        configure_threads(before)

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from hpsearch.space import Fixed
 from hpsearch.spec import load_spec
 from hpsearch.study import dead_trial_rule, make_pruner
 from tests.conftest import TINY, study_text
@@ -129,6 +130,15 @@ def test_shipped_study_files_load():
         dead = dead_trial_rule(spec, chance=0.1)
         assert dead is not None, name
         assert isinstance(make_pruner(spec, dead), kind), name
+    # The airbench-class studies (issue #23): the first enqueued row is airbench94's network and recipe (whitening,
+    # conv -> pool -> norm -> act blocks, lookahead, the linear schedule), validated and tested with the same
+    # test-time views, and the winner retrained 10 epochs on every training image by `evaluate`.
+    for name in ("cifar10-fast", "mnist-fast", "fashion-mnist-fast"):
+        spec = load_spec(root / "studies" / f"{name}.toml")
+        row = spec.enqueue[0]
+        assert (row["whiten"], row["block_layout"], row["averaging"]) == (True, "airbench", "lookahead"), name
+        assert spec.space.dims["scheduler"] == Fixed("linear"), name
+        assert (spec.tta, spec.final_epochs, spec.final_train_fraction) == ("flip-translate", 10, 1.0), name
 
 
 def test_budget_changes_do_not_count_as_a_different_study(write_study):

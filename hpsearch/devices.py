@@ -88,7 +88,8 @@ def configure_threads(threads: int | None) -> int:
 
 
 def _busy_seconds(cores: set[int], stat: Path) -> float | None:
-    """CPU seconds the given cores have spent busy (user, nice, system, irq, softirq, steal) since boot, by anyone."""
+    """CPU seconds the given cores have spent busy (user, nice, system, irq, softirq) since boot, by any process of
+    this machine. Not steal: time the hypervisor gave another machine is no process fewer threads make room for."""
     try:
         lines = stat.read_text().splitlines()
     except OSError:
@@ -98,8 +99,8 @@ def _busy_seconds(cores: set[int], stat: Path) -> float | None:
     for line in lines:
         name, *fields = line.split()
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-            busy += user + nice + system + irq + softirq + steal
+            user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+            busy += user + nice + system + irq + softirq
     return busy / ticks
 
 
@@ -107,7 +108,8 @@ class LoadAwareThreads:
     """Fits torch's intra-op threads to the cores other processes leave free; ``poll`` (every training step) looks
     again every ``interval`` seconds. Other processes' share of this process's cores is their busy time in
     /proc/stat minus this process's CPU time; the threads are the cores minus that share, rounded, at least one,
-    at most the configured count (and back up when the others stop).
+    at most the configured count. Fewer only when two looks in a row say so (alone, a blip of another process now
+    and then measured 0.6 of a core for one look), back up at the first look that allows it.
 
     Why: with two threads on two cores, every parallel region waits for the slower thread, and beside one busy
     process one of them always is. Measured on the 2-core CPU (benchmarks/README.md, "A shared CPU"): an
@@ -124,6 +126,7 @@ class LoadAwareThreads:
             self.cores = set()
         self.interval, self.stat = interval, stat
         self.last = self._sample()
+        self.fewer_seen = False  # the previous look said fewer threads
 
     def _sample(self) -> tuple[float, float, float | None]:
         return time.monotonic(), time.process_time(), _busy_seconds(self.cores, self.stat) if self.cores else None
@@ -139,6 +142,11 @@ class LoadAwareThreads:
             return
         others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)  # cores' worth used by other processes
         threads = max(1, min(self.most, round(len(self.cores) - others)))
+        fewer = threads < torch.get_num_threads()
+        if fewer and not self.fewer_seen:
+            self.fewer_seen = True
+            return
+        self.fewer_seen = False
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 

@@ -89,8 +89,8 @@ def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatc
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     stat = tmp_path / "stat"
 
-    def write(busy_ticks: int) -> None:  # per core: user nice system idle iowait irq softirq steal
-        stat.write_text("cpu  0 0 0 0 0 0 0 0\n" + "".join(f"cpu{c} {busy_ticks} 0 0 100 0 0 0 0 0 0\n"
+    def write(busy_ticks: int, steal_ticks: int = 0) -> None:  # per core: user nice system idle iowait irq softirq steal
+        stat.write_text("cpu  0 0 0 0 0 0 0 0\n" + "".join(f"cpu{c} {busy_ticks} 0 0 100 0 0 0 {steal_ticks} 0 0\n"
                                                           for c in (0, 1)))
 
     before = torch.get_num_threads()
@@ -98,13 +98,25 @@ def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatc
         configure_threads(2)
         write(0)
         governor = devices.LoadAwareThreads(interval=0.0, stat=stat)
-        write(10**9)  # the two cores were busy all along, and not with this process
+        write(10**9)  # the two cores were busy all along, and not with this process: one look is not enough
+        governor.poll()
+        assert torch.get_num_threads() == 2
+        write(2 * 10**9)  # a second look says the same
         governor.poll()
         assert torch.get_num_threads() == 1
-        governor.poll()  # nothing more on the cores: the others stopped
+        governor.poll()  # nothing more on the cores: the others stopped, back up at once
         assert torch.get_num_threads() == 2
-        write(2 * 10**9)
+        write(3 * 10**9)  # a blip: one busy look, then quiet
         governor.poll()
+        governor.poll()
+        assert torch.get_num_threads() == 2
+        for steal in (10**9, 2 * 10**9):  # the hypervisor's steal is no process on this machine
+            write(3 * 10**9, steal_ticks=steal)
+            governor.poll()
+        assert torch.get_num_threads() == 2
+        for busy in (4 * 10**9, 5 * 10**9):
+            write(busy)
+            governor.poll()
         assert torch.get_num_threads() == 1
         governor.restore()
         assert torch.get_num_threads() == 2

@@ -89,7 +89,7 @@ def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatc
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     stat = tmp_path / "stat"
 
-    def write(busy_ticks: int, steal_ticks: int = 0) -> None:  # per core: user nice system idle iowait irq softirq steal
+    def write(busy_ticks: int, steal_ticks: int = 0) -> None:  # per core: user nice system idle iowait irq sirq steal
         stat.write_text("cpu  0 0 0 0 0 0 0 0\n" + "".join(f"cpu{c} {busy_ticks} 0 0 100 0 0 0 {steal_ticks} 0 0\n"
                                                           for c in (0, 1)))
 

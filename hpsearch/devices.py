@@ -23,7 +23,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_MIN_SPEEDUP = 1.1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_STAT = Path("/proc/stat")
-THREADS = {"configured": torch.get_num_threads()}  # the intra-op threads this process may use (configure_threads)
+# The intra-op threads this process may use, and whether --threads fixed them (configure_threads).
+THREADS: dict[str, int | bool] = {"configured": torch.get_num_threads(), "fixed": False}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,10 +81,13 @@ def configure_threads(threads: int | None) -> int:
     torch is imported): beside another busy process, a spinning thread burns the core its sibling needs. Measured
     on the 2-core development CPU, a small MNIST CNN step with 2 threads (benchmarks/README.md, "A shared CPU"):
     idle 70 ms spinning / 74 ms passive; beside one busy single-threaded process 179 ms spinning / 128 ms passive.
+
+    Threads given explicitly stay as given (``LoadAwareThreads`` leaves them): a float sum's order depends on the
+    threads, so only a fixed count trains bit for bit the same whatever else the machine runs.
     """
     n = threads if threads else available_cpus()
     torch.set_num_threads(n)
-    THREADS["configured"] = n
+    THREADS["configured"], THREADS["fixed"] = n, threads is not None
     return n
 
 
@@ -108,7 +112,8 @@ class LoadAwareThreads:
     """Fits torch's intra-op threads to the cores other processes leave free; ``poll`` (every training step) looks
     again every ``interval`` seconds. Other processes' share of this process's cores is their busy time in
     /proc/stat minus this process's CPU time; the threads are the cores minus that share, rounded, at least one,
-    at most the configured count. Fewer only when two looks in a row say so (alone, a blip of another process now
+    at most the configured count, never other than it where ``--threads`` fixed it. Fewer only when two looks in a row
+    say so (alone, a blip of another process now
     and then measured 0.6 of a core for one look), back up at the first look that allows it.
 
     Why: with two threads on two cores, every parallel region waits for the slower thread, and beside one busy
@@ -118,7 +123,8 @@ class LoadAwareThreads:
     where /proc/stat cannot be read (not Linux)."""
 
     def __init__(self, *, interval: float = 2.0, stat: Path = PROC_STAT) -> None:
-        self.most = THREADS["configured"]
+        self.most = int(THREADS["configured"])
+        self.fixed = bool(THREADS["fixed"])
         self.restore()  # a training cut short (pruned) may have left fewer
         try:
             self.cores = set(os.sched_getaffinity(0))
@@ -133,7 +139,7 @@ class LoadAwareThreads:
 
     def poll(self) -> None:
         now = time.monotonic()
-        if now - self.last[0] < self.interval or self.most <= 1:
+        if now - self.last[0] < self.interval or self.most <= 1 or self.fixed:
             return
         sample = self._sample()
         (t0, ours0, busy0), (t1, ours1, busy1) = self.last, sample
@@ -169,7 +175,7 @@ def cost_clock(device: torch.device) -> Callable[[], float]:
     On a GPU, the wall clock: the time is the device's, which another CPU process does not take.
     """
     if device.type == "cpu":
-        threads = THREADS["configured"]
+        threads = int(THREADS["configured"])
         return lambda: time.process_time() / threads
     return time.perf_counter
 

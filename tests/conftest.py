@@ -87,6 +87,17 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HPSEARCH_STORAGE", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fixed_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainings in this process keep their threads whatever else the machine runs (as with --threads): tests that
+    compare two runs' numbers exactly would otherwise depend on the load (a float sum's order follows the threads).
+    LoadAwareThreads is tested by itself (marked ``load_aware``) and in subprocesses (test_shared_cpu.py)."""
+    if "load_aware" not in request.keywords:
+        from hpsearch import devices
+
+        monkeypatch.setattr(devices.LoadAwareThreads, "poll", lambda self: None)
+
+
 class Result:
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code, self.out, self.err = code, out, err

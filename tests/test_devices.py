@@ -79,14 +79,17 @@ def test_optimizers_on_cpu_keep_torch_defaults_fused_only_on_cuda() -> None:
         assert not optimizer.param_groups[0]["fused"]  # the CUDA-only fused path is not taken on CPU
 
 
+@pytest.mark.load_aware
 def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LoadAwareThreads: while other processes keep this process's cores busy (their time in /proc/stat, beyond this
-    process's own), training runs on the cores they leave; when they stop, on all the configured threads again."""
+    process's own), training runs on the cores they leave; when they stop, on all the configured threads again.
+    Threads fixed by --threads stay fixed."""
     import os
 
     from hpsearch import devices
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(devices, "available_cpus", lambda: 2)
     stat = tmp_path / "stat"
 
     def write(busy_ticks: int, steal_ticks: int = 0) -> None:  # per core: user nice system idle iowait irq sirq steal
@@ -95,7 +98,14 @@ def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatc
 
     before = torch.get_num_threads()
     try:
-        configure_threads(2)
+        configure_threads(2)  # --threads 2
+        write(0)
+        governor = devices.LoadAwareThreads(interval=0.0, stat=stat)
+        for busy in (10**9, 2 * 10**9):
+            write(busy)
+            governor.poll()
+        assert torch.get_num_threads() == 2
+        configure_threads(None)  # the default: the cores this process may use
         write(0)
         governor = devices.LoadAwareThreads(interval=0.0, stat=stat)
         write(10**9)  # the two cores were busy all along, and not with this process: one look is not enough

@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_MIN_SPEEDUP = 1.1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_STAT = Path("/proc/stat")
+CPUINFO = Path("/proc/cpuinfo")
 # The intra-op threads this process may use, and whether --threads fixed them (configure_threads).
 THREADS: dict[str, int | bool] = {"configured": torch.get_num_threads(), "fixed": False}
 
@@ -183,8 +184,18 @@ def cost_clock(device: torch.device) -> Callable[[], float]:
 # ---------------------------------------------------------------- precision
 
 
-def cpu_bf16_native() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
+def cpu_bf16_native(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX; ARM's BF16), from the flags Linux lists. oneDNN's
+    own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) says yes on any AVX-512 CPU, where bf16 is emulated:
+    measured on an Intel Ice Lake Xeon (AVX-512, no AVX512-BF16), bf16 training ran at 0.45-0.78x fp32's speed
+    (benchmarks/README.md). Where the flags cannot be read, oneDNN's check decides (and the probe still measures)."""
+    try:
+        flags = {flag for line in cpuinfo.read_text().splitlines()
+                 if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+    except (OSError, IndexError):
+        flags = set()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -7,7 +7,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # The development machines keep real datasets in ../shared/datasets; elsewhere hpsearch's own default
 # data directory is used (and torchvision downloads what is missing).
 DATA ?= $(wildcard ../shared/datasets)
-STUDY ?= studies/mnist-scratch.toml
+STUDY ?= studies/mnist-fast.toml
 
 $(BIN)/hpsearch: pyproject.toml
 	$(PY) -m venv $(VENV)

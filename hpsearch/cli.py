@@ -82,10 +82,13 @@ NoArtifactsOpt = typer.Option(False, "--no-artifacts",
 
 
 def main() -> None:
-    # Before torch is imported (the commands import it lazily): OpenMP reads this when it loads. Threads waiting for
-    # each other sleep instead of spinning, so a busy neighbour process does not make a training burn its own cores
-    # (devices.configure_threads has the figures); --workers' children inherit it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch is imported (the commands import it lazily): OpenMP reads this when it loads. Where --threads fixes
+    # the threads, those waiting for each other sleep instead of spinning, so a busy neighbour process does not make a
+    # training burn its own cores. By default OpenMP's own policy (spin briefly, then sleep) stays: it is 10-40%
+    # faster alone for small networks, and devices.LoadAwareThreads makes way for a neighbour instead
+    # (benchmarks/README.md, "A shared CPU"). A user's own OMP_WAIT_POLICY wins; --workers' children inherit it.
+    if any(arg == "--threads" or arg.startswith("--threads=") for arg in sys.argv[1:]):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Heartbeats, the retry callback and metric names are "experimental" in Optuna 5; hpsearch pins Optuna < 6.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:

@@ -123,17 +123,27 @@ class LoadAwareThreads:
     ms with 2 threads alone); a small MNIST CNN 72-83 ms with 2 threads beside it, 71-74 ms with 1. Nothing changes
     where /proc/stat cannot be read (not Linux)."""
 
-    def __init__(self, *, interval: float = 2.0, stat: Path = PROC_STAT) -> None:
+    def __init__(self, *, interval: float = 2.0, stat: Path = PROC_STAT, first_look: float = 0.0) -> None:
         self.most = int(THREADS["configured"])
         self.fixed = bool(THREADS["fixed"])
-        self.restore()  # a training cut short (pruned) may have left fewer
         try:
             self.cores = set(os.sched_getaffinity(0))
         except AttributeError:
             self.cores = set()
         self.interval, self.stat = interval, stat
-        self.last = self._sample()
         self.fewer_seen = False  # the previous look said fewer threads
+        self.restore()  # a training cut short (pruned) may have left fewer
+        if first_look and not self.fixed and self.most > 1:
+            self._first_look(first_look)
+        self.last = self._sample()
+
+    def _first_look(self, seconds: float) -> None:
+        """Threads from the cores' use over ``seconds`` before the work starts, when this process computes nothing:
+        one look is enough then (the busy time is all other processes'). The precision and cost probe runs on them,
+        so a neighbour does not make its threads wait (or spin) for a core it holds."""
+        before = self._sample()
+        time.sleep(seconds)
+        self._set(before, self._sample(), at_once=True)
 
     def _sample(self) -> tuple[float, float, float | None]:
         return time.monotonic(), time.process_time(), _busy_seconds(self.cores, self.stat) if self.cores else None
@@ -143,14 +153,18 @@ class LoadAwareThreads:
         if now - self.last[0] < self.interval or self.most <= 1 or self.fixed:
             return
         sample = self._sample()
-        (t0, ours0, busy0), (t1, ours1, busy1) = self.last, sample
+        self._set(self.last, sample)
         self.last = sample
-        if busy0 is None or busy1 is None:
+
+    def _set(self, before: tuple[float, float, float | None], after: tuple[float, float, float | None], *,
+             at_once: bool = False) -> None:
+        (t0, ours0, busy0), (t1, ours1, busy1) = before, after
+        if busy0 is None or busy1 is None or t1 <= t0:
             return
         others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)  # cores' worth used by other processes
         threads = max(1, min(self.most, round(len(self.cores) - others)))
         fewer = threads < torch.get_num_threads()
-        if fewer and not self.fewer_seen:
+        if fewer and not self.fewer_seen and not at_once:
             self.fewer_seen = True
             return
         self.fewer_seen = False

@@ -308,6 +308,8 @@ def evaluate(model: nn.Module, split: Split, prep: Callable[[torch.Tensor], torc
     return correct.item() / len(split)  # the one host sync of an evaluation
 
 
+# Seconds LoadAwareThreads watches the cores before a training or a probe starts: the threads it starts with.
+FIRST_LOOK = 0.25
 WHITEN_IMAGES = 5000  # training images whose statistics initialise data-dependent layers (airbench94: 5,000)
 
 
@@ -383,7 +385,8 @@ def fit(
     # A compiled module wraps ``model``: checkpoints keep saving ``model``'s plain state_dict keys.
     forward = cast(nn.Module, torch.compile(model)) if compile else model
     clock = cost_clock(device)
-    threads = LoadAwareThreads() if device.type == "cpu" else None  # fewer threads while other processes run
+    # Fewer threads while other processes run: from a first look before the first step, then every 2 s.
+    threads = LoadAwareThreads(first_look=FIRST_LOOK) if device.type == "cpu" else None
 
     classes = data.info.num_classes
     confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
@@ -472,6 +475,8 @@ def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.dev
     faster in bf16 at batch 64 and 1.8x at 256, a 16-32-64 CNN 1.33x and 1.53x: the same decision for a twentieth of
     the time a batch of 1,024 costs (benchmarks/README.md). Two warm-up steps then: the first bf16 step of a process
     builds oneDNN's bf16 kernels (0.55 s against 0.036 s for fp32, seen on MNIST's first trial), the second can too."""
+    if device.type == "cpu":
+        LoadAwareThreads(first_look=FIRST_LOOK)  # the threads a training would start with on this machine now
     model = copy.deepcopy(built.model).to(device).train()
     if channels_last(device):
         model = model.to(memory_format=torch.channels_last)

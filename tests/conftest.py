@@ -96,6 +96,7 @@ def _fixed_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         from hpsearch import devices
 
         monkeypatch.setattr(devices.LoadAwareThreads, "poll", lambda self: None)
+        monkeypatch.setattr(devices.LoadAwareThreads, "_first_look", lambda self, seconds: None)
 
 
 class Result:

@@ -130,5 +130,13 @@ def test_threads_make_way_for_other_processes_and_come_back(tmp_path, monkeypatc
         assert torch.get_num_threads() == 1
         governor.restore()
         assert torch.get_num_threads() == 2
+        # Before a training starts, one look over a short wait decides: this process computes nothing then.
+        sleeps: list[float] = []
+        monkeypatch.setattr(devices.time, "sleep", lambda s: (sleeps.append(s), write(6 * 10**9)))
+        devices.LoadAwareThreads(stat=stat, first_look=0.25)
+        assert sleeps == [0.25] and torch.get_num_threads() == 1
+        monkeypatch.setattr(devices.time, "sleep", lambda s: None)  # the cores quiet during the look
+        devices.LoadAwareThreads(stat=stat, first_look=0.25)
+        assert torch.get_num_threads() == 2
     finally:
         configure_threads(before)

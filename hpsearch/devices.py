@@ -78,13 +78,12 @@ def available_cpus() -> int:
 def configure_threads(threads: int | None) -> int:
     """One intra-op thread per available core unless told otherwise; inter-op parallelism buys nothing here.
 
-    Threads that wait for each other sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set by the CLI before
-    torch is imported): beside another busy process, a spinning thread burns the core its sibling needs. Measured
-    on the 2-core development CPU, a small MNIST CNN step with 2 threads (benchmarks/README.md, "A shared CPU"):
-    idle 70 ms spinning / 74 ms passive; beside one busy single-threaded process 179 ms spinning / 128 ms passive.
-
-    Threads given explicitly stay as given (``LoadAwareThreads`` leaves them): a float sum's order depends on the
-    threads, so only a fixed count trains bit for bit the same whatever else the machine runs.
+    By default the count follows the load (``LoadAwareThreads``) under OpenMP's own wait policy. Threads given
+    explicitly stay as given: a float sum's order depends on the threads, so only a fixed count trains bit for bit
+    the same whatever else the machine runs; the CLI then makes waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``,
+    set before torch is imported), since beside a busy process a spinning thread burns the core its sibling needs.
+    Measured on the 2-core CPU, a small MNIST CNN step with 2 threads (benchmarks/README.md, "A shared CPU"): alone
+    52 ms spinning / 77 ms passive; beside one busy process 194 ms / 135 ms; with LoadAwareThreads 60 ms / 102 ms.
     """
     n = threads if threads else available_cpus()
     torch.set_num_threads(n)
@@ -114,8 +113,8 @@ class LoadAwareThreads:
     again every ``interval`` seconds. Other processes' share of this process's cores is their busy time in
     /proc/stat minus this process's CPU time; the threads are the cores minus that share, rounded, at least one,
     at most the configured count, never other than it where ``--threads`` fixed it. Fewer only when two looks in a row
-    say so (alone, a blip of another process now
-    and then measured 0.6 of a core for one look), back up at the first look that allows it.
+    say so (alone, a blip of another process now and then measured 0.6 of a core for one look), back up at the first
+    look that allows it; with ``first_look``, one look over that many seconds before the work starts decides at once.
 
     Why: with two threads on two cores, every parallel region waits for the slower thread, and beside one busy
     process one of them always is. Measured on the 2-core CPU (benchmarks/README.md, "A shared CPU"): an
@@ -182,8 +181,9 @@ def cost_clock(device: torch.device) -> Callable[[], float]:
 
     On a CPU, this process's CPU time divided by its configured threads: what the work would take spread over all
     its threads, which on an idle machine is at most the wall time, and the same whether ``LoadAwareThreads`` runs
-    it on fewer. The time another process holds a core is not counted, and with OMP_WAIT_POLICY=PASSIVE
-    (``configure_threads``) neither is most of the time a thread waits for its preempted sibling. Measured on the
+    it on fewer. The time another process holds a core is not counted, and neither is most of the time a thread waits
+    for its preempted sibling: LoadAwareThreads leaves no sibling to wait for, and with fixed threads the CLI sets
+    OMP_WAIT_POLICY=PASSIVE. Measured on the
     2-core CPU beside one busy process (benchmarks/README.md, "A shared CPU"): a small MNIST CNN's step 1.7-2.3x the
     wall time, 1.0-1.2x on this clock; airbench94's with 2 threads 2.0x on this clock, with the 1 thread
     LoadAwareThreads leaves it 1.0x.

@@ -27,8 +27,9 @@ from hpsearch._display import PRUNE_REASONS, RunDisplay, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
+from hpsearch._secrets import redact_url, scrub, scrub_log_records
 from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, PROXY_WARNING, is_proxy_url
-from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, redact_url, storage_url
+from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
@@ -91,6 +92,7 @@ def main() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Heartbeats, the retry callback and metric names are "experimental" in Optuna 5; hpsearch pins Optuna < 6.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    scrub_log_records()  # a storage URL's password never reaches a log line, whichever library writes it
     try:
         # standalone_mode=False: Click's usage errors reach us instead of being drawn as a multi-line box.
         code = app(standalone_mode=False)
@@ -152,7 +154,7 @@ def _given(hint: str, argv: list[str]) -> str | None:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    err_console.print(f"error: {message}", soft_wrap=True)
+    err_console.print(f"error: {scrub(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -325,7 +327,8 @@ def _taken_over() -> None:
 
 
 def _storage_error(error: BaseException, retry_in: float) -> None:
-    err_console.print(f"warning: lost the database ({first_line(error)}); going on in {retry_in:g} s", soft_wrap=True)
+    err_console.print(f"warning: lost the database ({scrub(first_line(error))}); going on in {retry_in:g} s",
+                      soft_wrap=True)
 
 
 @app.command()

@@ -5,7 +5,6 @@ enqueue a retry that resumes from the trial's last checkpoint."""
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 import warnings
@@ -17,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._preflight import check_writable_sqlite
+from hpsearch._secrets import escape_password, redact_url, remember
 from hpsearch.proxy import is_proxy_url, open_proxy
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
@@ -30,7 +30,9 @@ SQLITE_BUSY_SECONDS = 120  # writers wait for the lock instead of failing with "
 
 
 def storage_url(url: str | None) -> str:
-    return url or os.environ.get("HPSEARCH_STORAGE") or DEFAULT_STORAGE
+    """The storage URL of this command (given, else $HPSEARCH_STORAGE, else the default), its password remembered
+    for masking and any ``@`` in it escaped: SQLAlchemy then reads the password the user typed (hpsearch._secrets)."""
+    return remember(escape_password(url or os.environ.get("HPSEARCH_STORAGE") or DEFAULT_STORAGE))
 
 
 def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.BaseStorage:
@@ -65,17 +67,17 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
         except SpecError:
             raise
         except sqlalchemy.exc.NoSuchModuleError:
-            raise SpecError(f"--storage {_safe(parsed)}: {parsed.drivername!r} is not a database SQLAlchemy knows "
+            raise SpecError(f"--storage {redact_url(url)}: {parsed.drivername!r} is not a database SQLAlchemy knows "
                             "(e.g. sqlite, postgresql+psycopg, mysql+pymysql)") from None
         except ImportError as e:
-            raise HpsearchError(f"--storage {_safe(parsed)}: the database driver is not installed ({e})") from None
+            raise HpsearchError(f"--storage {redact_url(url)}: the database driver is not installed ({e})") from None
         except Exception as e:  # connection refused, unknown database, permissions: all end the same way
             # Workers started together on an empty database race to create Optuna's tables; the loser sees a
             # unique-key violation from the catalogue and simply opens the tables the winner made.
             if _is_integrity_error(e) and attempt + 1 < TABLE_RACE_ATTEMPTS:
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            raise HpsearchError(f"--storage {_safe(parsed)}: cannot open the database ({first_line(e)})") from None
+            raise HpsearchError(f"--storage {redact_url(url)}: cannot open the database ({first_line(e)})") from None
     raise AssertionError("unreachable")
 
 
@@ -119,7 +121,7 @@ def _check_schema(url: str, parsed: sqlalchemy.engine.URL, engine_kwargs: dict) 
         engine.dispose()
     missing = [t for t in OPTUNA_TABLES if t not in tables]
     if missing:
-        raise SpecError(f"--storage {_safe(parsed)}: not an Optuna database (no {missing[0]!r} table); "
+        raise SpecError(f"--storage {redact_url(url)}: not an Optuna database (no {missing[0]!r} table); "
                         "run a study first, or check the URL")
 
 
@@ -149,12 +151,3 @@ def _prepare_sqlite(path: Path) -> None:
         raise SpecError(f"--storage: {str(path)!r} is not an SQLite database ({e})") from None
     finally:
         con.close()
-
-
-def _safe(url: sqlalchemy.engine.URL) -> str:
-    return url.render_as_string(hide_password=True)
-
-
-def redact_url(url: str) -> str:
-    """``scheme://user:***@host...`` for a URL that SQLAlchemy cannot parse: the password never reaches output."""
-    return re.sub(r"(://[^/@]*?:)[^/]*@", r"\1***@", url)

@@ -15,7 +15,7 @@ from typing import Any
 
 from hpsearch._errors import SpecError
 from hpsearch.data import check_dataset_name
-from hpsearch.space import Space, resolve_space
+from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Space, resolve_space
 from hpsearch.strategies import STRATEGIES
 
 # Knobs each sampler / pruner accepts from a table form (``[pruner] type = "median"  n_warmup_steps = 2``):
@@ -114,7 +114,8 @@ class StudySpec:
 def load_spec(path: str | Path) -> StudySpec:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # utf-8-sig: a leading byte-order mark (Windows editors write one) is dropped, not read as a stray character.
+        text = p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise SpecError(f"{p}: no such study file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -197,10 +198,14 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
             if key in ENQUEUE_META:
                 _check_meta(key, value, f"{where}: enqueue[{i}].{key} = {_show(value)}")
                 continue
+            if space.param_for(key) is None:
+                raise SpecError(f"{where}: enqueue[{i}].{key} = {_show(value)} is not a parameter of this strategy; "
+                                f"allowed: {_enqueue_keys(space)}")
             try:
                 space.check_fixed_value(key, value)
             except ValueError as e:
                 raise SpecError(f"{where}: enqueue[{i}].{key} = {_show(value)} {e}") from None
+    enqueue = [_expand_row(row, space) for row in enqueue]
 
     if sampler["type"] == "enqueued":
         if not enqueue:
@@ -279,6 +284,50 @@ def _check_meta(key: str, value: Any, where: str) -> None:
         isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1
     ):
         raise SpecError(f"{where} must be a number with 0 <= paper_accuracy <= 1 (the accuracy a report gave)")
+
+
+def _enqueue_keys(space: Space) -> str:
+    """What an [[enqueue]] row may name: each parameter (a per-layer one also as ``key_<i>``, or ``key_<name>``)
+    and the metadata keys."""
+    keys = [f"{k} (or {k}_<{'name' if space.params[p.per].allowed is not None else 'i'}>)" if (p.per is not None)
+            else k for k, p in sorted(space.params.items())]
+    return ", ".join([*keys, *ENQUEUE_META])
+
+
+def _expand_row(row: dict[str, Any], space: Space) -> dict[str, Any]:
+    """A per-layer key's base name in an [[enqueue]] row (``channels = 64``) sets every copy, as in ``[space]``:
+    ``channels_0 .. channels_{n-1}`` with n the row's ``conv_layers``, or the most the space allows when the row
+    does not fix it (Optuna ignores a fixed parameter a trial never suggests); for a key copied per name (zoo's
+    ``input_size_<model>``), the row's model, or every model of the space. A copy the row names itself wins."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        param = space.params.get(key)
+        if key in ENQUEUE_META or param is None or param.per is None:
+            out[key] = value
+            continue
+        for copy in _copies(space, param.per, row):
+            name = f"{key}_{copy}"
+            out[name] = row.get(name, value)
+    return out
+
+
+def _copies(space: Space, per: str, row: dict[str, Any]) -> list[str]:
+    """The copies (``_0``, ``_1``, ... or ``_<name>``) of a key repeated per ``per`` that a trial of ``row`` may use."""
+    named = space.params[per].allowed is not None
+    dim = space.dims[per]
+    if per in row:
+        values: list[Any] = [row[per]]
+    elif isinstance(dim, Fixed):
+        values = [dim.value]
+    elif isinstance(dim, Categorical):
+        values = list(dim.choices)
+    elif isinstance(dim, IntRange | FloatRange):
+        values = [dim.high]
+    else:  # a PerChoice range: its widest
+        values = [d.high for _, d in dim.dims]
+    if named:
+        return [str(v) for v in values]
+    return [str(i) for i in range(int(max(values)))]
 
 
 def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -161,8 +161,8 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
         study = optuna.load_study(storage=storage, study_name=spec.name,
                                   sampler=make_sampler(spec, (spec.seed + os.getpid()) % 2**32),
                                   pruner=make_pruner(spec, dead))
-        stored = study.user_attrs.get(SPEC_ATTR)
-        if stored is not None and not force:
+        stored = stored_spec(study)  # a study another tool made is refused, not taken over
+        if not force:
             from hpsearch.spec import spec_from_dict
 
             old = spec_from_dict(json.loads(stored), where=f"study {spec.name!r}").search_definition()
@@ -186,13 +186,28 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
 
 def load_spec_from_study(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
     """What a worker needs to join: the spec the study was created from."""
-    study = load_existing(storage, name)
-    stored = study.user_attrs.get(SPEC_ATTR)
-    if stored is None:
-        raise HpsearchError(f"study {name!r} was not created by hpsearch (no stored study file)")
     from hpsearch.spec import spec_from_dict
 
-    return spec_from_dict(json.loads(stored), where=f"study {name!r}")
+    return spec_from_dict(json.loads(stored_spec(load_existing(storage, name))), where=f"study {name!r}")
+
+
+def stored_spec(study: optuna.Study) -> str:
+    """The study file stored on a study that hpsearch made (JSON). A study made by plain Optuna or another tool has
+    none: it is refused, never taken over. One that another hpsearch process created a moment ago gets its id, then
+    its study file, within moments: that is waited for (an empty study maximizing one value may be one)."""
+    from hpsearch.artifacts import STUDY_ID_ATTR, STUDY_ID_WAIT_SECONDS
+
+    deadline = time.monotonic() + STUDY_ID_WAIT_SECONDS
+    while True:
+        attrs = study.user_attrs
+        if SPEC_ATTR in attrs:
+            return str(attrs[SPEC_ATTR])
+        being_made = STUDY_ID_ATTR in attrs or (
+            study.directions == [optuna.study.StudyDirection.MAXIMIZE] and not study.get_trials(deepcopy=False))
+        if not being_made or time.monotonic() > deadline:
+            raise SpecError(f"study {study.study_name!r} was not made by hpsearch (it has no stored study file): it "
+                            "belongs to another tool; give this study another name") from None
+        time.sleep(0.1)
 
 
 def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:

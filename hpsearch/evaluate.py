@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch._errors import HpsearchError, SpecError
+from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch.data import DataInfo, Final, load_final
 from hpsearch.devices import choose_precision, precision_candidates, precision_name
 from hpsearch.results import attr_key, stored
@@ -307,6 +308,39 @@ def load_model(path: str | Path) -> Classifier:
     strategy = STRATEGIES[spec.strategy]
     config = strategy.suggest(replay(meta["params"], spec.space), spec.space, spec.epochs, info)
     model = strategy.build(config, info).model
-    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    state = _load_weights(weights_path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per missing key or shape
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        raise HpsearchError(f"load_model: {str(weights_path)!r} does not fit the model {str(meta_path)!r} "
+                            f"describes ({lines[1] if len(lines) > 1 else first_line(e)})") from None
     return Classifier(model, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"], tta=spec.tta,
                       flip=info.flip).eval()
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict ``save_model`` wrote, or a one-line HpsearchError naming the file (torch's own errors do not
+    name it, run to many lines, and advise ``weights_only=False``: unsafe for a file from elsewhere)."""
+    expected = f"expected the weights `hpsearch evaluate --save` writes beside {path.with_suffix('.json').name!r}"
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise HpsearchError(f"load_model: cannot read {str(path)!r} ({e.strerror or e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file fails with many types: RuntimeError, OSError, EOFError, KeyError, ...
+        if not head:
+            what = "an empty file"
+        elif not head.startswith(b"PK"):  # torch.save writes a zip archive
+            what = "not a PyTorch file"
+        elif isinstance(e, pickle.UnpicklingError):
+            what = "a PyTorch file that holds more than tensors"
+        else:
+            what = "a truncated or damaged PyTorch file"
+        raise HpsearchError(f"load_model: cannot read {str(path)!r} ({what}; {expected})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HpsearchError(f"load_model: cannot read {str(path)!r} (a {type(state).__name__}, not a state_dict; "
+                            f"{expected})")
+    return state

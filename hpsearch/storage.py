@@ -66,6 +66,10 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
             return _rdb_storage(url, engine_kwargs, heartbeat=heartbeat, grace=grace, create=create)
         except SpecError:
             raise
+        except sqlalchemy.exc.DatabaseError as e:
+            if parsed.get_backend_name() == "sqlite" and _damaged_sqlite(e):
+                raise _not_sqlite(parsed.database, e) from None
+            raise HpsearchError(f"--storage {redact_url(url)}: cannot open the database ({first_line(e)})") from None
         except sqlalchemy.exc.NoSuchModuleError:
             raise SpecError(f"--storage {redact_url(url)}: {parsed.drivername!r} is not a database SQLAlchemy knows "
                             "(e.g. sqlite, postgresql+psycopg, mysql+pymysql)") from None
@@ -114,8 +118,8 @@ def _check_schema(url: str, parsed: sqlalchemy.engine.URL, engine_kwargs: dict) 
     try:
         tables = set(sqlalchemy.inspect(engine).get_table_names())
     except sqlalchemy.exc.DatabaseError as e:
-        if parsed.get_backend_name() == "sqlite" and "not a database" in str(e):
-            raise SpecError(f"--storage: {parsed.database!r} is not an SQLite database") from None
+        if parsed.get_backend_name() == "sqlite" and _damaged_sqlite(e):
+            raise _not_sqlite(parsed.database, e) from None
         raise
     finally:
         engine.dispose()
@@ -148,6 +152,17 @@ def _prepare_sqlite(path: Path) -> None:
     try:
         con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.DatabaseError as e:
-        raise SpecError(f"--storage: {str(path)!r} is not an SQLite database ({e})") from None
+        raise _not_sqlite(str(path), e) from None
     finally:
         con.close()
+
+
+def _damaged_sqlite(e: BaseException) -> bool:
+    """SQLite's words for a file that is not a database, or one that is truncated or damaged."""
+    return any(words in str(e) for words in ("not a database", "malformed"))
+
+
+def _not_sqlite(path: str | None, e: BaseException) -> SpecError:
+    """One rule for every command (exit 2): the file given is not a usable SQLite database."""
+    cause = str(getattr(e, "orig", None) or e)
+    return SpecError(f"--storage: {path!r} is not an SQLite database, or it is damaged ({cause})")

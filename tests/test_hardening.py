@@ -91,7 +91,8 @@ def test_read_commands_do_not_switch_an_optuna_database_to_wal(run_cli, tmp_path
 def test_read_commands_refuse_a_file_that_is_not_sqlite(run_cli, tmp_path: Path):
     (tmp_path / "x.db").write_text("hello, not a database\n" * 100)
     result = run_cli("show", "s", "--storage", "sqlite:///x.db")
-    assert (result.code, result.err) == (2, "error: --storage: 'x.db' is not an SQLite database\n")
+    assert (result.code, result.err) == (
+        2, "error: --storage: 'x.db' is not an SQLite database, or it is damaged (file is not a database)\n")
 
 
 # ---------------------------------------------------------------- what a run writes, checked before its first trial

@@ -36,3 +36,19 @@ def test_a_study_made_by_another_tool_is_refused_not_taken_over(run_cli, write_s
     after = optuna.load_study(study_name="tiny", storage=DB)
     assert after.user_attrs == {"owner": "someone else"}
     assert len(after.trials) == (1 if "one trial" in made else 0)
+
+
+# ---------------------------------------------------------------- item 12: a damaged SQLite file, one rule
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.9])
+def test_a_truncated_sqlite_file_is_bad_input_on_every_command(run_cli, write_study, tmp_path, keep):
+    study = optuna.create_study(study_name="tiny", storage="sqlite:///whole.db", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    whole = (tmp_path / "whole.db").read_bytes()
+    (tmp_path / "cut.db").write_bytes(whole[: int(len(whole) * keep)])
+    path = write_study(n_trials=1, epochs=1)
+    for command in (["run", str(path)], ["worker", "tiny"], ["show", "tiny"], ["studies"], ["evaluate", "tiny"],
+                    ["export", "tiny", "--out", "x.csv"], ["report", "tiny", "--out", "r"], ["delete", "tiny", "--yes"],
+                    ["create", str(path)], ["dashboard", "--port", "1"]):
+        err = _one_line(run_cli(*command, "--storage", "sqlite:///cut.db"), 2)
+        assert err.startswith("error: --storage: 'cut.db' is not an SQLite database, or it is damaged"), (command, err)

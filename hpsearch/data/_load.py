@@ -135,6 +135,7 @@ def _read_raw(name: str, data_dir: Path, cache_dir: Path) -> Raw:
         return Raw(make_synthetic(args, "train"), make_synthetic(args, "test"), classes, "generated")
     if name.startswith("folder:"):
         return _read_folder(name, data_dir, cache_dir)
+    _check_data_dir(data_dir)  # before the lookup: a file there would end in "no files found" and a download
     classes = tuple(CLASS_NAMES[name])
     looked = []
     for root in (data_dir, cache_dir / "downloads"):
@@ -156,6 +157,25 @@ def _read_raw(name: str, data_dir: Path, cache_dir: Path) -> Raw:
         f"dataset {name!r}: no files found in {', '.join(dict.fromkeys(looked))} and the download failed "
         f"({download_error}); put {_expected(name)} in {data_dir / name} (or pass --data-dir)"
     )
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """A data directory that is a file (or lies under one) is bad input (exit 2), said as such before any lookup.
+    One that does not exist is not: a named dataset is then downloaded into the cache directory."""
+    for path in (data_dir, *data_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == data_dir else f" is under {str(path)!r}, which"
+                raise SpecError(f"{_data_dir_option(data_dir)}: {str(data_dir)!r}{where} is a "
+                                f"{'file' if path.is_file() else 'special file'}, not a directory; give the folder "
+                                "datasets are looked for in")
+            return
+
+
+def _data_dir_option(data_dir: Path) -> str:
+    """How the user gave the data directory: the CLI takes HPSEARCH_DATA when --data-dir is not given."""
+    env = os.environ.get("HPSEARCH_DATA")
+    return "HPSEARCH_DATA" if env and Path(env) == data_dir else "--data-dir"
 
 
 def _candidates(name: str, root: Path) -> list[Path]:
@@ -187,7 +207,12 @@ def _download(name: str, root: Path) -> str:
 
 def _read_folder(name: str, data_dir: Path, cache_dir: Path) -> Raw:
     path = Path(name.removeprefix("folder:")).expanduser()
+    if not path.is_absolute():
+        _check_data_dir(data_dir)
     root = path if path.is_absolute() else data_dir / path
+    if root.exists() and not root.is_dir():
+        raise SpecError(f"dataset {name!r}: {str(root)!r} is a file, not a directory (expected a folder with "
+                        "train/<class>/*)")
     if not readers.folder_classes(root):  # a bad path in the study file (or --data-dir): bad input, exit 2
         raise SpecError(f"dataset {name!r}: {root / 'train'} has no class folders (expected train/<class>/*)")
     return _read_folder_root(root, cache_dir)
@@ -198,11 +223,16 @@ def _read_folder_root(root: Path, cache_dir: Path) -> Raw:
     classes = readers.folder_classes(root)
     if not classes:
         raise HpsearchError(f"dataset {name!r}: {root / 'train'} has no class folders (expected train/<class>/*)")
+    if len(classes) < 2:
+        raise SpecError(f"dataset {name!r}: {root / 'train'} has a single class folder ({classes[0]!r}); nothing to "
+                        "classify: a classifier needs at least 2 classes (train/<class>/* for each)")
     cache = cache_dir / "folders" / f"{root.name}-{readers.folder_fingerprint(root)}.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
+        _check_labels(name, root, classes, saved["train_y"])
         return Raw((saved["train_x"], saved["train_y"]), (saved["test_x"], saved["test_y"]), tuple(classes), str(root))
     train = readers.read_folder(root, "train", classes, size=None)
+    _check_labels(name, root, classes, train[1])  # before the cache is written
     size = (train[0].shape[3], train[0].shape[2])
     has_test = bool(readers.folder_files(root, "test", classes))
     test = readers.read_folder(root, "test", classes, size=size) if has_test else (train[0][:0], train[1][:0])
@@ -211,6 +241,16 @@ def _read_folder_root(root: Path, cache_dir: Path) -> Raw:
     torch.save({"train_x": train[0], "train_y": train[1], "test_x": test[0], "test_y": test[1]}, tmp)
     os.replace(tmp, cache)  # atomic: a concurrent worker never reads a half-written cache
     return Raw(train, test, tuple(classes), str(root))
+
+
+def _check_labels(name: str, root: Path, classes: list[str], labels: torch.Tensor) -> None:
+    """At least two classes with training images: the other class folders may be empty."""
+    present = set(labels.unique().tolist())
+    if len(present) < 2:
+        empty = [c for i, c in enumerate(classes) if i not in present]
+        shown = ", ".join(map(repr, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        raise SpecError(f"dataset {name!r}: only class {classes[min(present)]!r} has images in {root / 'train'} "
+                        f"(none in {shown}); nothing to classify: a classifier needs at least 2 classes")
 
 
 # ---------------------------------------------------------------- split and move to the device

@@ -385,6 +385,9 @@ def evaluate(
         table.add_row(str(r.number), f"{r.val_accuracy:.4f}", f"{r.mean:.4f} ± {r.std:.4f}{note}",
                       str(len(r.accuracies)), str(r.epochs), str(r.param_count), f"{r.seconds_per_epoch:.1f}")
     console.print(table)
+    if save is not None:
+        console.print(f"saved {sum(len(r.saved) for r in rows)} models in {save} (hpsearch.load_model reads them)",
+                      soft_wrap=True)
     fraction = next(f for f in (train_fraction, spec.final_train_fraction, spec.train_fraction) if f is not None)
     if fraction < 1:
         console.print(f"retrained on {fraction:.0%} of the training images plus val, as the search trained "

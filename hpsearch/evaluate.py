@@ -17,7 +17,10 @@ into the trial's row, and the dashboard lists them with the study's user attrs.
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
+import io
 import json
 import math
 import pickle
@@ -34,6 +37,7 @@ import torch.nn as nn
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._preflight import check_writable_dir
 from hpsearch.data import DataInfo, Final, load_final
 from hpsearch.devices import choose_precision, precision_candidates, precision_name
 from hpsearch.results import attr_key, stored
@@ -45,6 +49,7 @@ from hpsearch.train import evaluate as accuracy_on
 
 EPOCH_MODES = ("best", "max")
 MODEL_FORMAT = 1
+STARTED_ATTR = "hpsearch:evaluate_started"  # study user attr: when the last evaluate began (UTC)
 
 # progress(trial_number, seed_index, seeds, test_accuracy) after every retrained seed
 Progress = Callable[[int, int, int, float], None]
@@ -69,6 +74,7 @@ class Row:
     param_count: int | None
     seconds_per_epoch: float
     diverged: int  # seeds whose training loss became NaN/inf (their accuracy is that of the broken model)
+    saved: list[str]  # the models' .pt files (--save)
 
 
 def ranked(study: optuna.Study, top: int) -> list[FrozenTrial]:
@@ -148,6 +154,10 @@ def evaluate_study(
     if not picked:
         raise HpsearchError(f"study {study.study_name!r} has no complete trial to evaluate")
     fraction = spec.train_fraction if train_fraction is None else train_fraction
+    # Everything this writes is tried before minutes of training: the models' folder and the database.
+    if save_dir is not None:
+        check_writable_dir(save_dir, option="--save")
+    _check_can_store(study)
     final = load_final(spec.dataset, data_dir=data_dir, cache_dir=cache_dir, device=device,
                        val_fraction=spec.val_fraction, train_fraction=fraction, seed=spec.seed)
     results = stored(study)
@@ -159,17 +169,22 @@ def evaluate_study(
         record = results.get(trial.number)
         if record is None or _setting(record, spec) != setting:  # another budget measures something else
             record = {**setting, "mode": epochs, "runs": []}
-        for index in range(len(record["runs"]), seeds):
-            run = _retrain(trial, spec, final, n_epochs, index, device, save_dir, study.study_name,
-                           schedule_epochs=schedule_epochs, precision=precision)
-            record["runs"].append(run)
-            accs = [r["test_accuracy"] for r in record["runs"]]
-            record["mean"] = statistics.fmean(accs)
-            record["std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            study.set_user_attr(attr_key(trial.number), record)  # stored per seed: a killed run resumes here
+        runs = record["runs"]
+        for index in range(seeds):
+            stem = None if save_dir is None else save_dir / f"{study.study_name}-trial{trial.number}-seed{index}"
+            if index < len(runs) and (stem is None or _saved_at(runs[index], stem)):
+                continue  # stored (and saved where --save asks for it): a killed or repeated evaluate skips it
+            # A seed stored without its model (evaluate first run without --save) is retrained with the same seed.
+            run, save = _retrain(trial, spec, final, n_epochs, index, device, schedule_epochs=schedule_epochs,
+                                 precision=precision)
+            runs[index:index + 1] = [run]
+            _store(study, trial.number, record)  # stored per seed, before saving: a killed run resumes here
+            if stem is not None:
+                run["saved"] = str(save(stem))
+                _store(study, trial.number, record)
             if progress is not None:
                 progress(trial.number, index, seeds, run["test_accuracy"])
-        runs = record["runs"][:seeds]
+        runs = runs[:seeds]
         accs = [r["test_accuracy"] for r in runs]
         rows.append(Row(
             number=trial.number, val_accuracy=float(trial.value or 0.0), epochs=n_epochs, accuracies=accs,
@@ -177,8 +192,42 @@ def evaluate_study(
             param_count=trial.user_attrs.get("param_count"),
             seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs),
             diverged=sum(bool(r.get("diverged")) for r in runs),
+            saved=[r["saved"] for r in runs if save_dir is not None],
         ))
     return rows
+
+
+def _check_can_store(study: optuna.Study) -> None:
+    """Results are stored on the study: a database that refuses writes (a read-only file or role) is found before
+    anything is trained, by storing when this evaluate started (a write of an unchanged value would be skipped)."""
+    try:
+        study.set_user_attr(STARTED_ATTR, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    except Exception as e:
+        raise HpsearchError(f"study {study.study_name!r}: the database refuses to store results ({first_line(e)}); "
+                            "nothing was trained") from None
+
+
+def _store(study: optuna.Study, number: int, record: dict[str, Any]) -> None:
+    accs = [r["test_accuracy"] for r in record["runs"]]
+    record["mean"] = statistics.fmean(accs)
+    record["std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    study.set_user_attr(attr_key(number), record)
+
+
+def _saved_at(run: dict[str, Any], stem: Path) -> bool:
+    """Whether a stored seed's model is at ``stem`` (.pt and .json). One saved elsewhere by an earlier
+    ``--save`` is copied there (no retraining); one never saved is not."""
+    weights = stem.with_suffix(".pt")
+    if weights.is_file() and stem.with_suffix(".json").is_file():
+        run["saved"] = str(weights)
+        return True
+    earlier = Path(run.get("saved", ""))
+    if not run.get("saved") or not (earlier.is_file() and earlier.with_suffix(".json").is_file()):
+        return False
+    for suffix in (".pt", ".json"):
+        _write_atomically(stem.with_suffix(suffix), earlier.with_suffix(suffix).read_bytes())
+    run["saved"] = str(weights)
+    return True
 
 
 def _setting(record: dict[str, Any], spec: StudySpec) -> dict[str, Any]:
@@ -200,8 +249,9 @@ class _Enough(Exception):
     budget)."""
 
 
-def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, index: int, device: torch.device,
-             save_dir: Path | None, study_name: str, *, schedule_epochs: int, precision: str) -> dict[str, Any]:
+def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, index: int, device: torch.device, *,
+             schedule_epochs: int, precision: str) -> tuple[dict[str, Any], Callable[[Path], Path]]:
+    """One seed's run record, and a function that saves its model at a given stem (``save_model``)."""
     strategy = STRATEGIES[spec.strategy]
     info = final.data.info
     config = strategy.suggest(replay(trial.params, spec.space), spec.space, schedule_epochs, info)
@@ -239,10 +289,7 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
     }
     if diverged:
         run["diverged"] = diverged
-    if save_dir is not None:
-        run["saved"] = str(save_model(model, built_info(built, info), trial, spec, config, seed,
-                                      save_dir / f"{study_name}-trial{trial.number}-seed{index}"))
-    return run
+    return run, functools.partial(save_model, model, built_info(built, info), trial, spec, config, seed)
 
 
 def built_info(built: Any, info: DataInfo) -> dict[str, Any]:
@@ -253,14 +300,29 @@ def built_info(built: Any, info: DataInfo) -> dict[str, Any]:
 
 def save_model(model: nn.Module, pipeline: dict[str, Any], trial: FrozenTrial, spec: StudySpec, config: Any,
                seed: int, stem: Path) -> Path:
-    """``<stem>.pt`` (state_dict) and ``<stem>.json`` (what ``load_model`` needs to rebuild the architecture)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """``<stem>.pt`` (state_dict) and ``<stem>.json`` (what ``load_model`` needs to rebuild the architecture), each
+    whole or not at all; a failure (disk full) is one HpsearchError naming the file."""
     meta = {"format": MODEL_FORMAT, "study": spec.to_dict(), "trial": trial.number, "params": trial.params,
             "seed": seed, "config": asdict(config), **pipeline}
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     weights = stem.with_suffix(".pt")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
-    stem.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    _write_atomically(weights, buffer.getvalue())
+    _write_atomically(stem.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     return weights
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as e:
+        raise HpsearchError(f"--save: cannot write {str(path)!r} ({e.strerror or e}); the test accuracy is stored, "
+                            "run the same command again to save the model") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Classifier(nn.Module):

@@ -71,6 +71,40 @@ class RunDisplay:
         return f"time: {wall_seconds:.0f} s in all: " + ", ".join(parts)
 
 
+class TrainingProgress:
+    """Per-epoch progress of the long retrainings of ``evaluate`` and ``reproduce``: a live line on a terminal, one
+    plain line per epoch otherwise (logs of Kubernetes, CI), with the time spent and the time left to this training
+    (its mean epoch so far times the epochs to go)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = Live(Text(""), console=console, transient=True, auto_refresh=False)
+
+    def __enter__(self) -> TrainingProgress:
+        if self.console.is_terminal:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.stop()
+
+    def epoch(self, what: str, epoch: int, epochs: int, elapsed: float) -> None:
+        """``what`` (``trial 3 seed 1/3``) finished epoch ``epoch`` (from 0) of ``epochs``, ``elapsed`` s in."""
+        left = elapsed / (epoch + 1) * (epochs - epoch - 1)
+        line = f"{what}  epoch {epoch + 1}/{epochs}  {clock(elapsed)} elapsed, ~{clock(left)} left"
+        if self.console.is_terminal:
+            self.live.update(Text(line), refresh=True)
+        else:
+            self.console.print(line, soft_wrap=True)
+
+
+def clock(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 # How a trial ended, for the budget line: pruned trials split by why (dead: at chance; rejected: never trained).
 ENDINGS = ("complete", "pruned", "dead", "over_cost", "diverged", "rejected", "failed")
 PRUNE_REASONS = ("rejected", "dead", "over_cost", "diverged")  # user attrs that say why a trial was pruned

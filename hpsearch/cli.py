@@ -13,6 +13,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hpsearch import results, signals
-from hpsearch._display import PRUNE_REASONS, RunDisplay, summary_table
+from hpsearch._display import PRUNE_REASONS, RunDisplay, TrainingProgress, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
@@ -373,11 +374,13 @@ def evaluate(
     def progress(trial: int, index: int, total: int, accuracy: float) -> None:
         console.print(f"trial {trial:>4} seed {index + 1}/{total}  test acc {accuracy:.4f}")
 
-    rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
-                                data_dir=data_dir or default_data_dir(),
-                                cache_dir=cache_dir or default_cache_dir(), device=dev,
-                                train_fraction=train_fraction, save_dir=save, progress=progress,
-                                precision=precision, trials=trial_numbers)
+    with TrainingProgress(console) as display:
+        rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
+                                    data_dir=data_dir or default_data_dir(),
+                                    cache_dir=cache_dir or default_cache_dir(), device=dev,
+                                    train_fraction=train_fraction, save_dir=save, progress=progress,
+                                    precision=precision, trials=trial_numbers,
+                                    epoch_progress=_epoch_line(display, "seed"))
     table = Table("trial", "val acc", "test acc", "seeds", "epochs", "params", "s/epoch",
                   title=f"study {name}: test accuracy (retrained on train+val)", title_justify="left")
     for r in rows:
@@ -392,6 +395,15 @@ def evaluate(
     if fraction < 1:
         console.print(f"retrained on {fraction:.0%} of the training images plus val, as the search trained "
                       f"(--train-fraction 1: all of them)")
+
+
+def _epoch_line(display: TrainingProgress, run: str) -> Callable[[int, int, int, int, int, float], None]:
+    """evaluate_study's per-epoch callback, shown as ``trial 3 seed 1/3  epoch 4/10  0:42 elapsed, ~1:03 left``."""
+
+    def show(trial: int, index: int, total: int, epoch: int, epochs: int, elapsed: float) -> None:
+        display.epoch(f"trial {trial:>4} {run} {index + 1}/{total}", epoch, epochs, elapsed)
+
+    return show
 
 
 @app.command()
@@ -440,8 +452,10 @@ def reproduce(
     def progress(trial: int, index: int, total: int, accuracy: float) -> None:
         console.print(f"trial {trial:>4} test run {index + 1}/{total}  test acc {accuracy:.4f}")
 
-    rows = final.evaluate_study(study, spec, top=len(spec.enqueue), seeds=seeds, epochs="max", data_dir=data_dir,
-                                cache_dir=cache, device=dev, progress=progress)
+    with TrainingProgress(console) as display:
+        rows = final.evaluate_study(study, spec, top=len(spec.enqueue), seeds=seeds, epochs="max", data_dir=data_dir,
+                                    cache_dir=cache, device=dev, progress=progress,
+                                    epoch_progress=_epoch_line(display, "test run"))
     lines = repro.compare(study, rows)
     source = datasets.read_raw(spec.dataset, data_dir, cache).source
     note_lines = repro.notes(spec, original, changes, seeds, source)

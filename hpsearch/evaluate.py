@@ -53,6 +53,8 @@ STARTED_ATTR = "hpsearch:evaluate_started"  # study user attr: when the last eva
 
 # progress(trial_number, seed_index, seeds, test_accuracy) after every retrained seed
 Progress = Callable[[int, int, int, float], None]
+# epoch_progress(trial_number, seed_index, seeds, epoch, epochs, seconds since the retraining began) after each epoch
+EpochProgress = Callable[[int, int, int, int, int, float], None]
 
 
 
@@ -141,6 +143,7 @@ def evaluate_study(
     progress: Progress | None = None,
     precision: str = "auto",
     trials: list[int] | None = None,
+    epoch_progress: EpochProgress | None = None,
 ) -> list[Row]:
     """Retrains and tests the best ``top`` complete trials (or the ``trials`` named) ``seeds`` times; seeds already
     stored are skipped. ``epochs`` None and ``train_fraction`` None: the study file's ``final`` training, else the
@@ -175,8 +178,9 @@ def evaluate_study(
             if index < len(runs) and (stem is None or _saved_at(runs[index], stem)):
                 continue  # stored (and saved where --save asks for it): a killed or repeated evaluate skips it
             # A seed stored without its model (evaluate first run without --save) is retrained with the same seed.
+            on_epoch = None if epoch_progress is None else functools.partial(epoch_progress, trial.number, index, seeds)
             run, save = _retrain(trial, spec, final, n_epochs, index, device, schedule_epochs=schedule_epochs,
-                                 precision=precision)
+                                 precision=precision, on_epoch=on_epoch)
             runs[index:index + 1] = [run]
             _store(study, trial.number, record)  # stored per seed, before saving: a killed run resumes here
             if stem is not None:
@@ -250,8 +254,10 @@ class _Enough(Exception):
 
 
 def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, index: int, device: torch.device, *,
-             schedule_epochs: int, precision: str) -> tuple[dict[str, Any], Callable[[Path], Path]]:
-    """One seed's run record, and a function that saves its model at a given stem (``save_model``)."""
+             schedule_epochs: int, precision: str, on_epoch: Callable[[int, int, float], None] | None = None,
+             ) -> tuple[dict[str, Any], Callable[[Path], Path]]:
+    """One seed's run record, and a function that saves its model at a given stem (``save_model``).
+    ``on_epoch(epoch, epochs, seconds since the start)`` after every epoch."""
     strategy = STRATEGIES[spec.strategy]
     info = final.data.info
     config = strategy.suggest(replay(trial.params, spec.space), spec.space, schedule_epochs, info)
@@ -264,15 +270,17 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
     ).cost)
     seen: list[FitResult] = []
 
-    def on_epoch(epoch: int, result: FitResult) -> None:
+    def after_epoch(epoch: int, result: FitResult) -> None:
         seen[:] = [result]
+        if on_epoch is not None:
+            on_epoch(epoch, n_epochs, time.perf_counter() - start)
         if epoch + 1 >= n_epochs:
             raise _Enough
 
     diverged = None
     start = time.perf_counter()
     try:
-        fit(built, final.data, config.train, device=device, seed=seed, on_epoch=on_epoch, amp=amp)
+        fit(built, final.data, config.train, device=device, seed=seed, on_epoch=after_epoch, amp=amp)
     except _Enough:
         pass
     except Diverged as e:

@@ -4,6 +4,7 @@ test split is sealed for everything else."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -171,3 +172,14 @@ def test_evaluate_trial_picks_named_complete_trials_and_refuses_others(run_cli, 
     assert result.code == 2
     assert result.err == ("error: --trial 7: trial 7 of study 'tiny' does not exist; only complete trials are "
                           "evaluated (complete: 0, 1, 2)\n")
+
+
+def test_evaluate_shows_each_epoch_with_the_time_left(run_cli, write_study):
+    # Not a terminal here: one plain line per epoch, as a log (Kubernetes, CI) shows it.
+    assert run_cli("run", str(write_study(n_trials=1, epochs=3, extra='pruner = "none"'))).code == 0
+    result = run_cli("evaluate", "tiny", "--seeds", "2", "--epochs", "max")
+    assert result.code == 0, result
+    lines = [line for line in result.out.splitlines() if " epoch " in line]
+    assert [re.sub(r"\s+", " ", line).split(" elapsed")[0].rsplit(" ", 1)[0] for line in lines] == [
+        f"trial 0 seed {s}/2 epoch {e}/3" for s in (1, 2) for e in (1, 2, 3)]
+    assert all(re.search(r"\d+:\d\d elapsed, ~\d+:\d\d left$", line) for line in lines), lines

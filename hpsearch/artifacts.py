@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -32,7 +34,14 @@ from hpsearch._errors import HpsearchError, SpecError, first_line
 ARTIFACTS_ATTR = "hpsearch:artifacts"  # the store's location, when one was given
 STUDY_ID_ATTR = "hpsearch:study_id"  # a UUID: checkpoints of this study live under it
 CHECKPOINT_ATTR = "checkpoint"  # trial user attr: the artifact id of its checkpoint (a retry inherits it)
+CHECKPOINT_ERROR_ATTR = "checkpoint_error"  # trial user attr: why its last failed checkpoint was not written
 STUDY_ID_WAIT_SECONDS = 10  # a worker joining a study that is being created waits this long for its id
+# The check of an S3 store when it is opened (the store's own client keeps boto3's retries for the checkpoints).
+S3_CHECK_CONNECT_SECONDS = 5
+S3_CHECK_READ_SECONDS = 10
+S3_CHECK_ATTEMPTS = 2  # the first try included
+# botocore's own rule for a bucket name (looser than AWS's, for S3-compatible stores such as MinIO)
+_BUCKET = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
 
 ArtifactStore = Any  # optuna's ArtifactStore protocol (open_reader / write / remove)
 
@@ -49,6 +58,9 @@ def normalize_location(location: str) -> str:
         bucket = rest.split("/", 1)[0]
         if scheme != "s3" or not bucket:
             raise SpecError(f"--artifacts: {location!r} is not a directory or s3://bucket[/prefix]")
+        if not _BUCKET.fullmatch(bucket):
+            raise SpecError(f"--artifacts: {location!r}: {bucket!r} is not a bucket name (letters, digits, '.', '-', "
+                            "'_')")
         return f"s3://{rest.rstrip('/')}"
     if not location:
         raise SpecError("--artifacts: the value is empty; give a directory or s3://bucket[/prefix]")
@@ -74,7 +86,8 @@ def open_artifact_store(location: str) -> ArtifactStore:
 def resolve_location(study: optuna.Study, given: str | None, default: str) -> str:
     """The study's store: the recorded one, else ``given`` (then recorded), else ``default`` (not recorded: it is
     this machine's cache). A ``given`` that differs from the recorded one is refused: the workers of one study
-    must see one store, or a retry would not find its dead trial's checkpoint."""
+    must see one store, or a retry would not find its dead trial's checkpoint. A store is recorded only once it
+    was opened and answered: a study never points its workers and its dashboard at a store nobody can reach."""
     recorded = study.user_attrs.get(ARTIFACTS_ATTR)
     if given is not None:
         given = normalize_location(given)
@@ -82,6 +95,7 @@ def resolve_location(study: optuna.Study, given: str | None, default: str) -> st
             raise SpecError(f"--artifacts: study {study.study_name!r} keeps its artifacts in {recorded!r}, "
                             f"not {given!r}; leave --artifacts out to use the recorded store")
         if recorded is None:
+            open_artifact_store(given)  # raises, with one line, for a store that cannot be reached
             study.set_user_attr(ARTIFACTS_ATTR, given)
             return given
     return recorded or default
@@ -114,11 +128,17 @@ def study_id(study: optuna.Study) -> str:
 
 
 # ---------------------------------------------------------------- checkpoints
+class CheckpointNotWritten(HpsearchError):
+    """The store refused a checkpoint (a full disk, a file-size limit, a lost mount, an S3 error); whatever the store
+    held before is intact and no partial file is left."""
+
+
 def checkpoint_id(study_uuid: str, trial_number: int) -> str:
     return f"checkpoints/{study_uuid}/trial-{trial_number}.pt"
 
 
 def save_checkpoint(store: ArtifactStore, artifact_id: str, state: dict[str, Any]) -> None:
+    """Raises CheckpointNotWritten, with the file and the reason in one line, when the store refuses it."""
     # Optuna's upload_artifact gives every upload a new random id and a trial attr; a checkpoint is rewritten
     # every epoch under one id the retry can compute, so it goes to the store directly.
     import torch  # here: the commands that only delete or list must not pay torch's import
@@ -126,7 +146,33 @@ def save_checkpoint(store: ArtifactStore, artifact_id: str, state: dict[str, Any
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    store.write(artifact_id, buf)
+    try:
+        store.write(artifact_id, buf)
+    except Exception as e:
+        if not isinstance(e, OSError) and not type(e).__module__.startswith(("botocore", "boto3")):
+            raise  # a bug (an invalid id, say), not the store's refusal
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise CheckpointNotWritten(f"checkpoint {_where(store, artifact_id)} not written ({reason})") from None
+
+
+def checkpoint_not_written(trial: optuna.Trial, error: CheckpointNotWritten) -> None:
+    """A checkpoint only lets a killed worker's retry resume the trial: without it the trial still trains to its value
+    (failing it would throw that training away, and on a full disk fail every trial after it the same way). The
+    reason goes on the trial and, once per trial and reason, into one warning line; the next epoch tries again."""
+    if trial.user_attrs.get(CHECKPOINT_ERROR_ATTR) == str(error):
+        return
+    trial.set_user_attr(CHECKPOINT_ERROR_ATTR, str(error))
+    print(f"warning: trial {trial.number}: {error}; the trial trains on without it (a retry would resume from an "
+          "older checkpoint or start over)", file=sys.stderr, flush=True)
+
+
+def _where(store: ArtifactStore, artifact_id: str) -> str:
+    """Where ``artifact_id`` lives in ``store``: a file's path or an S3 URL."""
+    if isinstance(store, _FileSystemStore):
+        return str(store.base_path / artifact_id)
+    if isinstance(store, _Prefixed):
+        return f"{store.location}/{artifact_id}"
+    return artifact_id
 
 
 def load_checkpoint(store: ArtifactStore, artifact_id: str) -> dict[str, Any] | None:
@@ -190,9 +236,13 @@ class _FileSystemStore(FileSystemArtifactStore):
         self._check_id(artifact_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            shutil.copyfileobj(content_body, f)
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:  # a full disk may refuse the write or only the flush at close
+                shutil.copyfileobj(content_body, f)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk, a signal mid-write: no partial file is left beside the last whole one
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _check_id(self, artifact_id: str) -> None:
         # the parent's path check (absolute ids, ".." escapes) without opening anything
@@ -203,8 +253,8 @@ class _FileSystemStore(FileSystemArtifactStore):
 class _Prefixed:
     """A store whose ids live under ``prefix/`` of another store (Boto3ArtifactStore has no prefix of its own)."""
 
-    def __init__(self, inner: ArtifactStore, prefix: str) -> None:
-        self.inner, self.prefix = inner, prefix
+    def __init__(self, inner: ArtifactStore, prefix: str, location: str) -> None:
+        self.inner, self.prefix, self.location = inner, prefix, location
 
     def _key(self, artifact_id: str) -> str:
         return f"{self.prefix}/{artifact_id}" if self.prefix else artifact_id
@@ -220,14 +270,24 @@ class _Prefixed:
 
 
 def _s3_store(location: str, bucket: str, prefix: str) -> ArtifactStore:
+    """The store, once a cheap call with short timeouts and one retry (head_bucket: reachable, credentials, permission)
+    answered; fails now with one line, not at the first checkpoint mid-trial."""
     try:
         import boto3
+        import botocore.config
         import botocore.exceptions
     except ImportError:
         raise HpsearchError(f"--artifacts {location!r}: S3 needs boto3; pip install 'hpsearch[s3]'") from None
-    client = boto3.client("s3")
+    check = botocore.config.Config(connect_timeout=S3_CHECK_CONNECT_SECONDS, read_timeout=S3_CHECK_READ_SECONDS,
+                                   retries={"total_max_attempts": S3_CHECK_ATTEMPTS, "mode": "standard"})
     try:
-        client.head_bucket(Bucket=bucket)  # fail now with one line, not at the first checkpoint mid-trial
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        # A session of its own: boto3's default one keeps the credentials it first found for the process's life.
+        session = boto3.session.Session()
+        session.client("s3", config=check).head_bucket(Bucket=bucket)
+        client = session.client("s3")
+    except botocore.exceptions.ParamValidationError as e:  # botocore's own checks of the name
+        raise SpecError(f"--artifacts {location!r}: {first_line(e)}") from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, ValueError) as e:
+        # ValueError: an endpoint URL (AWS_ENDPOINT_URL, a profile's endpoint_url) that is not one
         raise HpsearchError(f"--artifacts {location!r}: cannot reach the bucket ({first_line(e)})") from None
-    return _Prefixed(Boto3ArtifactStore(bucket, client=client), prefix)
+    return _Prefixed(Boto3ArtifactStore(bucket, client=client), prefix, location)

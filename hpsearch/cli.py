@@ -260,9 +260,15 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
         artifacts.open_artifact_store(artifacts.resolve_location(study, artifacts_location,
                                                                  artifacts.default_location(cache)))
         os.environ["HPSEARCH_KEEP_CHECKPOINTS"] = str(keep_checkpoints)  # the workers inherit it
+        from hpsearch.study import study_gone, study_identity
+
+        identity = study_identity(study)
         code = launch(spec.name, workers, device, storage=storage_url(storage), n_trials=target, timeout=timeout,
                       data_dir=data_dir, cache_dir=cache_dir, compile=compile, out=console.file,
                       no_artifacts=no_artifacts, precision=precision)
+        gone = study_gone(study, identity)  # deleted while the workers trained it: no summary to show
+        if gone is not None:
+            raise HpsearchError(gone)
         console.print(summary_table(study))
         if code:
             raise SystemExit(code)
@@ -650,11 +656,15 @@ def dashboard(
     import optuna_dashboard
 
     from hpsearch.dashboard import dashboard_artifact_store
+    from hpsearch.proxy import check_listen
 
     rdb = open_storage(storage, create=False)
-    store, locations = dashboard_artifact_store(
+    check_listen(host, port, reuse_address=True)  # a taken port fails here, before the lines that say it serves
+    store, locations, unreachable = dashboard_artifact_store(
         rdb, given=artifacts_location, default_location=(cache_dir or default_cache_dir()) / "artifacts")
-    console.print(f"artifacts from {', '.join(locations)}", soft_wrap=True)
+    for warning in unreachable:  # their trials show without images; the dashboard still serves every study
+        err_console.print(scrub(warning), soft_wrap=True)
+    console.print(f"artifacts from {', '.join(locations) or 'nowhere (no store could be opened)'}", soft_wrap=True)
     console.print(f"optuna-dashboard on http://{host}:{port}/dashboard  (Ctrl-C stops it)", soft_wrap=True)
     try:
         optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=store)

@@ -7,6 +7,7 @@ from typing import Any, BinaryIO
 
 import optuna
 
+from hpsearch._errors import HpsearchError
 from hpsearch.artifacts import ARTIFACTS_ATTR, open_artifact_store
 
 
@@ -51,12 +52,28 @@ def artifact_locations(storage: optuna.storages.BaseStorage) -> list[str]:
     return seen
 
 
-def dashboard_artifact_store(storage: optuna.storages.BaseStorage, *, given: str | None,
-                             default_location: Path) -> tuple[StudiesArtifactStore, list[str]]:
-    """The store to hand optuna-dashboard and the locations it reads: ``given`` (--artifacts) first, then those the
-    studies recorded, then this machine's default (where studies run without --artifacts keep theirs)."""
+def dashboard_artifact_store(storage: optuna.storages.BaseStorage, *, given: str | None, default_location: Path
+                             ) -> tuple[StudiesArtifactStore | None, list[str], list[str]]:
+    """The store to hand optuna-dashboard (None: none could be opened), the locations it reads and one warning line
+    per location it cannot: ``given`` (--artifacts) first, then those the studies recorded, then this machine's
+    default (where studies run without --artifacts keep theirs). A recorded store that cannot be reached now (gone,
+    no credentials here) only costs its trials their images; ``given`` must open (an error otherwise)."""
     locations: list[str] = []
     for location in [given, *artifact_locations(storage), str(default_location)]:
         if location is not None and location not in locations:
             locations.append(location)
-    return StudiesArtifactStore([open_artifact_store(loc) for loc in locations]), locations
+    stores: list[Any] = []
+    read: list[str] = []
+    warnings: list[str] = []
+    for location in locations:
+        try:
+            stores.append(open_artifact_store(location))
+        except HpsearchError as e:
+            if location == given:
+                raise
+            reason = str(e).removeprefix(f"--artifacts {location!r}: ")
+            warnings.append(f"warning: artifacts in {location!r}: {reason}; the dashboard shows the trials kept "
+                            "there without their images")
+            continue
+        read.append(location)
+    return (StudiesArtifactStore(stores) if stores else None), read, warnings

@@ -28,7 +28,7 @@ from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES, Rejected
-from hpsearch.study import DeadTrialRule, rung_step
+from hpsearch.study import DeadTrialRule, check_study, rung_step, study_identity
 from hpsearch.train import PROBE_BATCH, Built, Diverged, FitResult, fit, probe_steps
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
@@ -135,6 +135,9 @@ def make_objective(
             raise
 
     def run_trial(trial: optuna.Trial) -> float:
+        # The study this trial belongs to (run_trials checked it just before the trial was asked for): each epoch
+        # checks it is still there before storing anything (study.StudyGone: deleted by someone else meanwhile).
+        identity = study_identity(trial.study)
         try:
             config = strategy.suggest(trial, spec.space, spec.epochs, data.info)
         except Rejected as e:
@@ -187,7 +190,7 @@ def make_objective(
         value = 0.0
         for k, stage in enumerate(plan[first:], start=first):
             result = train_stage(trial, k, stage, built if k == first else build(), config, seed, amp, explainer,
-                                 checkpoint, resume if k == first else None)
+                                 checkpoint, resume if k == first else None, identity)
             value = result.final_accuracy if result.final_accuracy is not None else result.best_val_accuracy
             if stage.step is not None:
                 trial.set_user_attr("rung", k)
@@ -227,13 +230,14 @@ def make_objective(
 
     def train_stage(trial: optuna.Trial, k: int, stage: Stage, built: Built, config: Any, seed: int,
                     amp: torch.dtype | None, explainer: TrialExplainer | None, checkpoint: str | None,
-                    resume: dict[str, Any] | None) -> FitResult:
+                    resume: dict[str, Any] | None, identity: str | None) -> FitResult:
         train = replace(config.train, epochs=stage.epochs)
         # Seconds of the study's own epoch this stage's epochs stand for (a rung trains on fewer images).
         scale = len(data.train) / len(stage.data.train)
         reports_epochs = len(plan) == 1
 
         def on_epoch(epoch: int, result: FitResult) -> None:
+            check_study(trial.study, identity)  # first: neither this epoch nor its checkpoint is stored otherwise
             value = result.val_accuracy[-1]
             seconds = result.cost_seconds_per_epoch[-1] * scale
             if explainer is not None:
@@ -269,7 +273,10 @@ def make_objective(
 
         def on_checkpoint(state: dict[str, Any]) -> None:
             assert store is not None and checkpoint is not None  # only passed to fit with both
-            artifacts.save_checkpoint(store, checkpoint, {**state, "rung": k})
+            try:
+                artifacts.save_checkpoint(store, checkpoint, {**state, "rung": k})
+            except artifacts.CheckpointNotWritten as e:  # a full disk costs the trial its resumability, not its value
+                artifacts.checkpoint_not_written(trial, e)
 
         # No clean-up here: a database error inside the trial (trial.report in an outage) must leave the file for
         # the retry. The checkpoint goes once the trial's final state is stored (see checkpoints_after_trial).

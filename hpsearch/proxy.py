@@ -84,15 +84,18 @@ def serve(storage: optuna.storages.BaseStorage, *, host: str, port: int) -> None
             raise HpsearchError(f"--port {port}: cannot listen on {host}:{port} ({e})") from None
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, *, reuse_address: bool = False) -> None:
     """gRPC binds with SO_REUSEPORT, so a second proxy on a taken port would start and share it silently; a
-    plain bind fails there, which turns a taken port into an error."""
+    plain bind fails there, which turns a taken port into an error. ``reuse_address``: bind as a server that sets
+    SO_REUSEADDR does (optuna-dashboard's), so only a listening socket, not a closed connection, takes the port."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise SpecError(f"--host: {host!r} is not an address of this machine ({e.strerror})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
         except OSError as e:

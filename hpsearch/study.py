@@ -248,6 +248,47 @@ def count_rejected(study: optuna.Study) -> int:
     return sum(is_rejected(t) for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
 
 
+class StudyGone(BaseException):
+    """The run's study was deleted (``hpsearch delete``, ``optuna.delete_study``) while the run trained it, and
+    perhaps made again under its name by someone else. A BaseException, not an Exception: Optuna stores FAIL for a
+    trial whose objective raises any Exception, and the running trial's id may by now be a trial of the new study
+    (SQLite gives a freed id out again). The message is the run's one line of error."""
+
+
+def study_identity(study: optuna.Study) -> str | None:
+    """The study's hpsearch id (``artifacts.STUDY_ID_ATTR``, set when hpsearch made it), None for one without."""
+    from hpsearch.artifacts import STUDY_ID_ATTR
+
+    value = study.user_attrs.get(STUDY_ID_ATTR)
+    return None if value is None else str(value)
+
+
+def check_study(study: optuna.Study, identity: str | None) -> None:
+    """Raises StudyGone when the storage no longer holds ``study`` as the study whose hpsearch id is ``identity``:
+    it knows no study by its id (a storage's documented KeyError), or the study under that id now has another
+    hpsearch id (deleted and made again: SQLite gives the freed id to the next study). A database error propagates."""
+    try:
+        replaced = identity is not None and study_identity(study) != identity
+    except KeyError:
+        replaced = False
+    else:
+        if not replaced:
+            return
+    since = " (a new study has its name now)" if replaced else ""
+    raise StudyGone(f"study {study.study_name!r} was deleted while this run trained it{since}; nothing more to store")
+
+
+def study_gone(study: optuna.Study, identity: str | None) -> str | None:
+    """Why ``study`` is gone (``check_study``), or None while it is there or the database cannot tell."""
+    try:
+        check_study(study, identity)
+    except StudyGone as e:
+        return str(e)
+    except Exception:
+        return None
+    return None
+
+
 @dataclass
 class RunOutcome:
     ran: int = 0  # trials this process ran, rejected architectures excepted
@@ -274,7 +315,12 @@ def run_trials(
 
     A database outage (server restart, network) does not end the run: it waits and goes on. The trial that
     was running is left to its heartbeat: once stale it is failed and retried from its checkpoint.
+
+    A study deleted meanwhile (and perhaps made again under its name) ends the run with HpsearchError: between
+    epochs (the objective's ``check_study``), between trials (before the next is asked for) or when storing a
+    trial fails. Nothing more is stored, and never in a new study of the same name.
     """
+    identity = study_identity(study)
     finished = count_finished(study)
     outcome = RunOutcome()
     budget = None if n_trials is None else n_trials - finished  # bounds this process even if every trial fails
@@ -287,6 +333,7 @@ def run_trials(
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal outage_start, rejected_in_a_row
         outage_start = None
+        check_study(study, identity)  # before the next trial is asked for: never one in a new study of this name
         if is_rejected(trial):
             outcome.rejected += 1
             rejected_in_a_row += 1
@@ -332,10 +379,17 @@ def run_trials(
                 n_trials is not None and count_finished(study) >= n_trials
             ):
                 break
+        except StudyGone as e:
+            raise HpsearchError(str(e)) from None
         except KeyboardInterrupt:
             outcome.interrupted = True  # Optuna has already marked the running trial FAIL
             break
         except Exception as e:
+            # Asked first: Optuna fails on a deleted study's trial in its own ways (KeyError, then UnboundLocalError
+            # from its clean-up), and on some databases with errors that look like an outage.
+            gone = study_gone(study, identity)
+            if gone is not None:
+                raise HpsearchError(gone) from None
             if _taken_over(e):
                 # This worker was cut off from the database past the heartbeat grace period (an outage), so another
                 # worker failed its trial as stale and queued the retry, which resumes from the trial's checkpoint;
@@ -352,6 +406,9 @@ def run_trials(
             if on_storage_error is not None:
                 on_storage_error(e, DB_RETRY_SECONDS)
             time.sleep(DB_RETRY_SECONDS)
+            gone = study_gone(study, identity)  # deleted during the outage
+            if gone is not None:
+                raise HpsearchError(gone) from None
             finished_now = _count_or_none(study)
             if n_trials is not None and finished_now is not None and finished_now >= n_trials:
                 break

@@ -13,6 +13,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from hpsearch.study import target_status
+
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
 
@@ -143,6 +145,9 @@ def summary_table(study: optuna.Study) -> Table:
         kinds = [f"{n} {what}" for n, what in ((len(reasons) - over_cap, "architecture shrinks below 1x1"),
                                                (over_cap, "over a cost cap")) if n]
         table.add_row("rejected", f"{len(reasons)} of the pruned ({', '.join(kinds)}; not counted)")
+    target = target_status(study)
+    if target is not None:
+        table.add_row("target", target)
     try:
         best = study.best_trial
     except ValueError:

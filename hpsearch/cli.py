@@ -287,8 +287,11 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     _save_study_note(study, spec, explain=not no_artifacts)
     console.print(f"study {spec.name!r}: {spec.strategy} on {spec.dataset} "
                   f"({len(data.train)} train / {len(data.val)} val images) on {device}; "
-                  f"{finished} finished trials so far" + (f", running to {target}" if target else ""),
+                  f"{finished} finished trials so far" + (f", running to {target}" if target else "")
+                  + (f", or until a trial reaches {spec.target:.4f}" if spec.target is not None else ""),
                   soft_wrap=True)
+    if finished == 0:
+        _say_warm_start(study)
     started = time.monotonic()
     with RunDisplay(console, study, target) as display:
         objective = make_objective(spec, data, device=device, progress=display.epoch, compile=compile, store=store,
@@ -301,7 +304,7 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=on_trial_end, on_storage_error=_storage_error,
-                             on_taken_over=_taken_over)
+                             on_taken_over=_taken_over, target=spec.target)
     term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     if summary:
         console.print(summary_table(study))
@@ -312,6 +315,10 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
     if outcome.interrupted:
         err_console.print("interrupted: the running trial was marked FAIL; run the same command to resume")
         raise SystemExit(130)
+    if outcome.target_met is not None:
+        met = outcome.target_met
+        console.print(f"target {met['target']:.4f} reached by trial {met['trial']} ({met['value']:.4f}) at "
+                      f"{met['at']}: the study ends here (every worker stops after its current trial)", soft_wrap=True)
     if outcome.no_trainable is not None:
         raise SpecError(f"{spec.name}: {outcome.no_trainable}")
     if outcome.fatal is not None:
@@ -326,6 +333,19 @@ def _save_study_note(study: optuna.Study, spec: StudySpec, *, explain: bool) -> 
     from hpsearch.explain import save_study_note
 
     save_study_note(study, spec, artifacts=study.user_attrs.get(ARTIFACTS_ATTR) if explain else None)
+
+
+def _say_warm_start(study: optuna.Study) -> None:
+    """What the study file's warm_start enqueued from earlier studies, and what it skipped and why."""
+    from hpsearch.study import WARM_START_ATTR
+
+    warm = study.user_attrs.get(WARM_START_ATTR)
+    if not warm:
+        return
+    console.print(f"warm start: {len(warm['enqueued'])} configurations of earlier studies enqueued first"
+                  + (f" ({', '.join(warm['enqueued'])})" if warm["enqueued"] else ""), soft_wrap=True)
+    for line in warm["skipped"]:
+        console.print(f"warm start: skipped {line}", soft_wrap=True)
 
 
 def _taken_over() -> None:
@@ -700,6 +720,7 @@ def create(
     else:
         console.print(f"study {spec.name!r} created ({spec.strategy} on {spec.dataset}, {len(spec.enqueue)} enqueued); "
                       f"join with: hpsearch worker {spec.name}", soft_wrap=True)
+        _say_warm_start(study)
 
 
 @app.command()

@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import results
+from hpsearch.study import target_status
 
 TOP = 10  # rows of the top-trials table
 TOP_CURVES = 10  # trials whose intermediate values are drawn
@@ -341,6 +342,10 @@ def _build(studies: list[optuna.Study], out: Path) -> Report:
         md += [f"## Study {s.study_name}", "",
                f"{row.strategy} on {row.dataset}: {row.trials} finished trials ({row.pruned_share:.0%} pruned), "
                f"best val accuracy {_fmt(row.best_val)}, {row.compute_seconds:.1f} s of training", ""]
+        target = target_status(s)
+        if target is not None:
+            parts.append(f"<p>target: {html.escape(target)}</p>")
+            md += [f"target: {target}", ""]
         head, rows = _trial_table(s)
         parts.append(f"<h3>top {TOP} trials</h3>" + _html_table(head, rows))
         md += [f"### Top {TOP} trials", "", _md_table(head, rows), ""]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpsearch._errors import SpecError
+from hpsearch._secrets import redact_url
 from hpsearch.data import check_dataset_name
 from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Space, resolve_space
 from hpsearch.strategies import STRATEGIES
@@ -50,11 +51,13 @@ _PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
 PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}
 TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "max_seconds_per_epoch", "max_flops",
             "val_fraction", "train_fraction",
-            "sampler", "pruner", "seed", "tta", "rungs", "final", "space", "enqueue")
+            "sampler", "pruner", "seed", "tta", "rungs", "final", "target", "warm_start", "space", "enqueue")
 TTA_LEVELS = ("none", "flip", "flip-translate")  # hpsearch.train.tta_logits
 MAX_RUNGS = 8
-# May change between runs of the same study without --force: the budget, and the final training (evaluate's).
-BUDGET_KEYS = ("n_trials", "timeout", "final")
+# May change between runs of the same study without --force: the budget, the final training (evaluate's), the target
+# that ends the study early, and the warm start (read only when the study is created).
+BUDGET_KEYS = ("n_trials", "timeout", "final", "target", "warm_start")
+WARM_START_TOP = 5  # best complete trials taken from each earlier study by default
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,16 @@ class Rung:
 
     epochs: int
     train_fraction: float
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """``warm_start = { studies = ["mnist-scratch"], top = 5, storage = "..." }``: when the study is created, the best
+    ``top`` complete configurations of each earlier study that fit this study's space are enqueued first."""
+
+    studies: tuple[str, ...]
+    top: int = WARM_START_TOP
+    storage: str | None = None  # the earlier studies' database; None: this study's own
 
 
 @dataclass(frozen=True)
@@ -90,19 +103,26 @@ class StudySpec:
     # images (plus val); None: the trial's best epoch count, the study's train_fraction
     final_epochs: int | None = None
     final_train_fraction: float | None = None
+    target: float | None = None  # a complete trial with this validation accuracy ends the study (every worker)
+    warm_start: WarmStart | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The study file's content as plain data (what is stored on the study and compared on resume)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in TOP_KEYS if k not in ("space", "enqueue", "final")}
         # An absent budget stays absent; so do the keys newer than a stored study when they have their defaults.
         out = {k: v for k, v in out.items() if v is not None and not (k == "tta" and v == "none")
-               and not (k == "rungs" and not v)}
+               and not (k == "rungs" and not v) and k != "warm_start"}
         if self.rungs:
             out["rungs"] = [{"epochs": r.epochs, "train_fraction": r.train_fraction} for r in self.rungs]
         final = {k: v for k, v in (("epochs", self.final_epochs), ("train_fraction", self.final_train_fraction))
                  if v is not None}
         if final:
             out["final"] = final
+        if self.warm_start is not None:
+            # A password of another database is not stored on the study: the warm start is read only at its creation.
+            storage = self.warm_start.storage
+            out["warm_start"] = {"studies": list(self.warm_start.studies), "top": self.warm_start.top,
+                                 **({} if storage is None else {"storage": redact_url(storage)})}
         out["space"], out["enqueue"] = self.space_overrides, list(self.enqueue)
         return json.loads(json.dumps(out))
 
@@ -178,6 +198,11 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     if not isinstance(tta, str) or tta not in TTA_LEVELS:
         raise fail("tta", tta, f"is not known; allowed: {', '.join(TTA_LEVELS)}")
     final_epochs, final_fraction = _final(data.get("final", {}), fail)
+    target = data.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
+                               or not 0 < target <= 1):
+        raise fail("target", target, "must be a validation accuracy with 0 < target <= 1")
+    warm_start = _warm_start(data["warm_start"], name, fail) if "warm_start" in data else None
 
     overrides = data.get("space", {})
     if not isinstance(overrides, dict):
@@ -220,7 +245,30 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
         train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
         space_overrides=overrides, enqueue=tuple(enqueue), space=space, tta=tta, rungs=rungs,
         final_epochs=final_epochs, final_train_fraction=final_fraction,
+        target=None if target is None else float(target), warm_start=warm_start,
     )
+
+
+def _warm_start(raw: Any, name: str, fail: Any) -> WarmStart:
+    example = 'a table such as { studies = ["mnist-scratch"], top = 5 }'
+    if not isinstance(raw, dict):
+        raise fail("warm_start", raw, f"must be {example}")
+    for key in raw:
+        if key not in ("studies", "top", "storage"):
+            raise fail(f"warm_start.{key}", raw[key], "is not a key of warm_start; allowed: studies, top, storage")
+    studies = raw.get("studies")
+    if (not isinstance(studies, list) or not studies
+            or not all(isinstance(s, str) and s.strip() for s in studies)):
+        raise fail("warm_start.studies", studies, "must be a non-empty list of study names")
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
+        raise fail("warm_start.storage", storage, "must be a database URL (default: this study's own)")
+    if storage is None and name in studies:
+        raise fail("warm_start.studies", studies, f"names this study ({name!r}) itself")
+    top = raw.get("top", WARM_START_TOP)
+    if type(top) is not int or not 1 <= top <= 1000:
+        raise fail("warm_start.top", top, "must be an integer with 1 <= top <= 1000")
+    return WarmStart(studies=tuple(dict.fromkeys(studies)), top=top, storage=storage)
 
 
 def _final(raw: Any, fail: Any) -> tuple[int | None, float | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -15,11 +16,14 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._secrets import redact_url
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that only read need neither
     from hpsearch.spec import StudySpec
 
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
+TARGET_ATTR = "hpsearch:target_met"  # when and by which trial the study file's target was reached
+WARM_START_ATTR = "hpsearch:warm_start"  # what the warm start enqueued and skipped, when the study was created
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DB_RETRY_SECONDS = 5  # after a lost database connection, wait this long before going on
 DB_OUTAGE_SECONDS = 600  # give up (exit 1) when the database stays unreachable this long
@@ -151,6 +155,9 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
     from hpsearch.artifacts import new_study_id  # here, not at the top: optuna.artifacts imports boto3 (0.1 s)
 
     created = False
+    # Read before the study exists: an earlier study that is missing or unreachable leaves nothing half made.
+    warm = warm_start_rows(spec, storage) if spec.warm_start is not None and finished_if_exists(
+        storage, spec.name) is None else None
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize",
                                     sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec, dead))
@@ -181,7 +188,86 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: 
         for row in spec.enqueue:
             params, meta = split_row(row)
             study.enqueue_trial(params, user_attrs=meta or None, skip_if_exists=True)
+        if warm is not None:
+            for source, params in warm.rows:
+                study.enqueue_trial(params, user_attrs={"warm_start": source}, skip_if_exists=True)
+            study.set_user_attr(WARM_START_ATTR, {"enqueued": [source for source, _ in warm.rows],
+                                                  "skipped": warm.skipped})
     return study
+
+
+@dataclass(frozen=True)
+class WarmRows:
+    rows: list[tuple[str, dict[str, Any]]]  # ("<study>#<trial number>", params) to enqueue, best first per study
+    skipped: list[str]  # "<study>#<trial>: <why it does not fit this space>"
+
+
+def warm_start_rows(spec: StudySpec, storage: optuna.storages.BaseStorage) -> WarmRows:
+    """The best ``top`` complete configurations of each earlier study that fit this study's space (every parameter
+    known to this strategy and inside this space; those it does not set are sampled). A missing earlier study is bad
+    input (exit 2); one without complete trials adds nothing."""
+    from hpsearch.storage import open_storage
+
+    assert spec.warm_start is not None
+    warm = spec.warm_start
+    source = storage if warm.storage is None else open_storage(warm.storage, create=False)
+    names = optuna.get_all_study_names(source)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[str] = []
+    for name in warm.studies:
+        if name not in names:
+            raise SpecError(f"warm_start.studies: study {name!r} does not exist in "
+                            f"{'this storage' if warm.storage is None else redact_url(warm.storage)}; studies: "
+                            f"{', '.join(names) or 'none'}")
+        complete = optuna.load_study(study_name=name, storage=source).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,))
+        taken = 0
+        for trial in sorted(complete, key=lambda t: (-(t.value or 0.0), t.number)):
+            if taken == warm.top:
+                break
+            why = _does_not_fit(spec, trial.params)
+            if why is None:
+                rows.append((f"{name}#{trial.number}", trial.params))
+                taken += 1
+            else:
+                skipped.append(f"{name}#{trial.number}: {why}")
+    return WarmRows(rows, skipped)
+
+
+def _does_not_fit(spec: StudySpec, params: dict[str, Any]) -> str | None:
+    for key, value in params.items():
+        try:
+            spec.space.check_fixed_value(key, value)
+        except ValueError as e:
+            return f"{key} = {value!r} {e}"
+    return None
+
+
+def reached_target(study: optuna.Study, target: float) -> dict[str, Any] | None:
+    """The first complete trial (by the time it completed) whose value is >= ``target``, as recorded on the study
+    (user attr ``hpsearch:target_met``: target, trial, value, at) for show and the report; None while none has."""
+    reached = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.value is not None and t.value >= target]
+    if not reached:
+        return None
+    first = min(reached, key=lambda t: (t.datetime_complete or datetime.datetime.max, t.number))
+    met = {"target": target, "trial": first.number, "value": first.value,
+           "at": first.datetime_complete.isoformat(timespec="seconds") if first.datetime_complete else None}
+    if study.user_attrs.get(TARGET_ATTR) != met:
+        study.set_user_attr(TARGET_ATTR, met)
+    return met
+
+
+def target_status(study: optuna.Study) -> str | None:
+    """``0.9900, reached by trial 12 (0.9912) at 2026-...`` or ``0.9900, not reached``: for show and the report;
+    None when the study file sets no target."""
+    target = json.loads(study.user_attrs.get(SPEC_ATTR, "{}")).get("target")
+    if target is None:
+        return None
+    met = study.user_attrs.get(TARGET_ATTR)
+    if not met or met.get("target") != target:
+        return f"{target:.4f}, not reached"
+    return f"{target:.4f}, reached by trial {met['trial']} ({met['value']:.4f}) at {met['at']}"
 
 
 def load_spec_from_study(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
@@ -297,6 +383,7 @@ class RunOutcome:
     interrupted: bool = False
     error: str | None = None  # set when every trial this process ran failed
     fatal: str | None = None  # an error no other configuration would escape (weights, files): the run stopped
+    target_met: dict[str, Any] | None = None  # the study's target was reached (reached_target): the run stopped
 
 
 def run_trials(
@@ -308,6 +395,7 @@ def run_trials(
     on_trial_end: Any = None,
     on_storage_error: Any = None,
     on_taken_over: Any = None,
+    target: float | None = None,
 ) -> RunOutcome:
     """Runs until the study holds ``n_trials`` finished (complete + pruned) trials, all workers counted,
     or ``timeout`` seconds pass. Every worker stops at the total; up to one trial per extra worker may
@@ -319,10 +407,17 @@ def run_trials(
     A study deleted meanwhile (and perhaps made again under its name) ends the run with HpsearchError: between
     epochs (the objective's ``check_study``), between trials (before the next is asked for) or when storing a
     trial fails. Nothing more is stored, and never in a new study of the same name.
+
+    ``target``: once a complete trial of any worker reaches this value, every worker stops at its next trial (a study
+    that has reached it runs nothing).
     """
     identity = study_identity(study)
     finished = count_finished(study)
     outcome = RunOutcome()
+    if target is not None:
+        outcome.target_met = reached_target(study, target)
+        if outcome.target_met is not None:
+            return outcome
     budget = None if n_trials is None else n_trials - finished  # bounds this process even if every trial fails
     deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []
@@ -355,6 +450,9 @@ def run_trials(
         if trial.user_attrs.get("fatal") and trial.state == TrialState.FAIL:
             outcome.fatal = trial.user_attrs["error"]
             study.stop()
+        elif target is not None and (met := reached_target(study, target)) is not None:
+            outcome.target_met = met  # this worker's trial or another's: every worker stops after its own
+            study.stop()
         elif n_trials is not None and count_finished(study) >= n_trials:
             study.stop()
 
@@ -375,7 +473,8 @@ def run_trials(
                 catch=(Exception,),  # one broken configuration (out of memory, say) must not end the study
             )
             # Rejected architectures used up some of optimize's n_trials without counting: go on for the rest.
-            if outcome.rejected == 0 or outcome.fatal or outcome.no_trainable or budget is None or (
+            ended = outcome.fatal or outcome.no_trainable or outcome.target_met
+            if outcome.rejected == 0 or ended or budget is None or (
                 n_trials is not None and count_finished(study) >= n_trials
             ):
                 break

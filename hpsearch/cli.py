@@ -747,3 +747,90 @@ def proxy(
         grpc_proxy.serve(rdb, host=host, port=port)
     except KeyboardInterrupt:
         pass
+
+
+@app.command("export-model")
+def export_model(
+    name: str = typer.Argument(..., help="Study name."),
+    out: Path = typer.Option(..., "--out", help="The file to write: .onnx (ONNX) or .pt/.pth/.ts (TorchScript); its "
+                             "model card is written beside it as FILE.json."),
+    trial: int | None = typer.Option(None, "--trial", min=0, show_default="the best complete trial",
+                                     help="Export this complete trial's model."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Which of evaluate's seeds (0: the first, as in its "
+                             "<study>-trial<N>-seed<i>.pt)."),
+    fmt: str | None = typer.Option(None, "--format", show_default="from --out's suffix",
+                                   help="torchscript | onnx."),
+    storage: str | None = StorageOpt,
+    data_dir: Path | None = DataDirOpt,
+    cache_dir: Path | None = CacheDirOpt,
+    device: str = DeviceOpt,
+    threads: int | None = ThreadsOpt,
+) -> None:
+    """Write a trial's model as one self-contained file (uint8 images [B, C, H, W] in, logits out; preprocessing
+    inside) with its model card, after checking it against PyTorch on validation images.
+
+    The model is the one `evaluate --save` saved for that trial and seed, else it is retrained as evaluate does (and
+    its test accuracy stored)."""
+    from hpsearch import export as exporting
+    from hpsearch.devices import configure_threads, resolve_device
+
+    exporting.resolve_format(fmt, out)  # a bad --format/--out fails before anything is opened
+    rdb = open_storage(storage, create=False)
+    spec = load_spec_from_study(rdb, name)
+    study = load_existing(rdb, name)
+    dev = resolve_device(device)
+    configure_threads(threads)  # the export, its check and its latency run on the CPU whatever --device trains on
+
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=True)
+
+    done = exporting.export_model(study, spec, trial=trial, seed_index=seed, fmt=fmt, out=out,
+                                  data_dir=data_dir or default_data_dir(), cache_dir=cache_dir or default_cache_dir(),
+                                  device=dev, say=say)
+    card = done.card
+    check = card["verification"]
+    latency = card["latency_ms_per_image"]
+    console.print(
+        f"wrote {done.path} ({card['format']}, {card['bytes'] / 1e6:.2f} MB) and {done.card_path}: study "
+        f"{card['study']!r} trial {card['trial']} seed {card['seed_index']}, test acc {card['test_accuracy']:.4f}; "
+        f"checked on {check['images']} validation images (argmax agreement {check['argmax_agreement']:.2%}, max "
+        f"|logit diff| {check['max_abs_logit_diff']:.2g}); {latency['batch_1']:.3g} ms/image at batch 1, "
+        f"{latency['batch_64']:.3g} ms/image at batch 64 ({card['latency_runtime']})", soft_wrap=True)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A file hpsearch export-model wrote (.onnx or TorchScript), its card "
+                                 "FILE.json beside it."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (walked recursively)."),
+    top: int = typer.Option(3, "--top", min=1, help="Classes shown per image (at most the model's classes)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line: path and top classes."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+) -> None:
+    """Top classes with their probabilities for each image. An image that cannot be read is one error line and the
+    others still run; the exit code is then 1."""
+    # numpy, PIL and onnxruntime only for an .onnx model: torch is imported for a TorchScript one alone.
+    from hpsearch import predict as predicting
+
+    loaded = predicting.open_model(model)
+    files = predicting.image_files(images)
+    failed = 0
+    terminal = console.is_terminal and not as_json
+    k = min(top, len(loaded.classes))
+    table = Table("image", *(f"#{i + 1}" for i in range(k))) if terminal else None
+    for result in predicting.predict(loaded, files, top=top, batch_size=batch_size):
+        if isinstance(result, predicting.Failure):
+            failed += 1
+            err_console.print(f"error: {result.path}: cannot read the image ({result.reason})", soft_wrap=True,
+                              markup=False)
+        elif as_json:
+            print(json.dumps({"path": str(result.path),
+                              "top": [{"class": c, "probability": p} for c, p in result.top]}))
+        elif table is not None:
+            table.add_row(str(result.path), *(f"{c} {p:.3f}" for c, p in result.top))
+        else:
+            print("\t".join([str(result.path), *(f"{c}\t{p:.4f}" for c, p in result.top)]))
+    if table is not None and table.row_count:
+        console.print(table)
+    if failed:
+        raise SystemExit(1)

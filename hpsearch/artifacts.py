@@ -106,6 +106,18 @@ def study_artifact_store(study: optuna.Study, default_location: str) -> Artifact
     return open_artifact_store(study.user_attrs.get(ARTIFACTS_ATTR) or default_location)
 
 
+def store_location(store: ArtifactStore) -> str:
+    """Where ``store`` keeps its artifacts: a directory's absolute path or the ``s3://bucket/prefix`` URL (what
+    ``--artifacts`` takes); another kind of store is named by its class."""
+    if isinstance(store, _Prefixed):
+        return store.location
+    if isinstance(store, _FileSystemStore):
+        return os.path.abspath(store.base_path)
+    if isinstance(store, FileSystemArtifactStore):
+        return os.path.abspath(store._base_path)
+    return type(store).__name__
+
+
 # ---------------------------------------------------------------- the study's id
 def new_study_id(study: optuna.Study) -> str:
     """Called by the process that created ``study``, before anything else is stored on it."""

@@ -76,7 +76,7 @@ ArtifactsOpt = typer.Option(None, "--artifacts", envvar="HPSEARCH_ARTIFACTS", sh
 KeepCheckpointsOpt = typer.Option(0, "--keep-checkpoints", min=0, envvar="HPSEARCH_KEEP_CHECKPOINTS",
                                   help="Keep the checkpoints of the K best complete trials (0: delete each once "
                                        "its trial has finished).")
-PrecisionOpt = typer.Option("auto", "--precision",
+PrecisionOpt = typer.Option("auto", "--precision", envvar="HPSEARCH_PRECISION",
                             help="auto | fp32 | bf16 | fp16 (auto: CUDA's mixed precision; on a CPU with native "
                                  "bf16, whichever of fp32 and bf16 a few timed steps of each trial find faster).")
 NoArtifactsOpt = typer.Option(False, "--no-artifacts",
@@ -304,6 +304,10 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=on_trial_end, on_storage_error=_storage_error,
+    try:  # the note's training seconds as of this run's end; best effort: the run's own outcome comes next
+        _save_study_note(study, spec, explain=not no_artifacts)
+    except Exception as e:
+        err_console.print(f"warning: the study's note was not updated ({first_line(e)})", soft_wrap=True)
                              on_taken_over=_taken_over, target=spec.target)
     term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     if summary:
@@ -328,7 +332,8 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
 
 def _save_study_note(study: optuna.Study, spec: StudySpec, *, explain: bool) -> None:
-    """The study's note for optuna-dashboard: its study file, strategy, dataset (and artifact store, if used)."""
+    """The study's note for optuna-dashboard: its study file, strategy, dataset, training seconds so far by device
+    (and artifact store, if used); written only when it changed."""
     from hpsearch.artifacts import ARTIFACTS_ATTR
     from hpsearch.explain import save_study_note
 
@@ -763,6 +768,7 @@ def export_model(
     storage: str | None = StorageOpt,
     data_dir: Path | None = DataDirOpt,
     cache_dir: Path | None = CacheDirOpt,
+    precision: str = PrecisionOpt,
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
 ) -> None:
@@ -772,11 +778,12 @@ def export_model(
     The model is the one `evaluate --save` saved for that trial and seed, else it is retrained as evaluate does (and
     its test accuracy stored)."""
     from hpsearch import export as exporting
-    from hpsearch.devices import configure_threads, resolve_device
+    from hpsearch.devices import check_precision, configure_threads, resolve_device
 
     exporting.resolve_format(fmt, out)  # a bad --format/--out fails before anything is opened
     rdb = open_storage(storage, create=False)
     spec = load_spec_from_study(rdb, name)
+    check_precision(precision, dev)
     study = load_existing(rdb, name)
     dev = resolve_device(device)
     configure_threads(threads)  # the export, its check and its latency run on the CPU whatever --device trains on
@@ -786,7 +793,7 @@ def export_model(
 
     done = exporting.export_model(study, spec, trial=trial, seed_index=seed, fmt=fmt, out=out,
                                   data_dir=data_dir or default_data_dir(), cache_dir=cache_dir or default_cache_dir(),
-                                  device=dev, say=say)
+                                  device=dev, say=say, precision=precision)
     card = done.card
     check = card["verification"]
     latency = card["latency_ms_per_image"]

@@ -9,6 +9,7 @@ figures plus a few storage writes when the trial ends; the confusion counts come
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 from optuna.artifacts import upload_artifact
 
+from hpsearch.artifacts import store_location
 from hpsearch.data import DataInfo
 from hpsearch.spec import StudySpec
 from hpsearch.train import Built, FitResult
@@ -143,9 +145,18 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape) or "-"
 
 
+def images_line(location: str, host: str) -> str:
+    """The note's line that says where the trial's images are kept (a copied database's dashboard cannot show them
+    without that store) and how to point ``hpsearch dashboard`` at it."""
+    where = f"`{location}`" if location.startswith("s3://") else f"`{location}` (host `{host}`)"
+    return (f"- images: kept in {where}; where they do not show, start "
+            "`hpsearch dashboard --artifacts <that store or a copy of it>`")
+
+
 def trial_note(*, number: int, summary: ModelSummary | None, result: FitResult, device: str, complete: bool,
-               images: dict[str, str], summary_error: str = "") -> str:
-    """The trial's Markdown note; ``images`` maps a caption to the artifact's dashboard URL path."""
+               images: dict[str, str], summary_error: str = "", images_kept: str = "") -> str:
+    """The trial's Markdown note; ``images`` maps a caption to the artifact's dashboard URL path; ``images_kept`` is
+    the ``images_line`` that says where they are kept."""
     spe = sum(result.seconds_per_epoch) / len(result.seconds_per_epoch) if result.seconds_per_epoch else 0.0
     state = "complete" if complete else f"pruned after {len(result.val_accuracy)} epochs"
     lines = [
@@ -158,7 +169,10 @@ def trial_note(*, number: int, summary: ModelSummary | None, result: FitResult, 
                   f"- MACs per image: {summary.macs:,} (conv + linear)"]
     else:
         lines.append(f"- no layer table: {summary_error}")
-    lines += [f"- seconds per epoch: {spe:.2f} on `{device}`", ""]
+    lines.append(f"- seconds per epoch: {spe:.2f} on `{device}`")
+    if images and images_kept:
+        lines.append(images_kept)
+    lines.append("")
     for caption, url in images.items():
         lines += [f"![{caption}]({url})", ""]
     if summary is None:
@@ -217,10 +231,33 @@ class TrialExplainer:
                 images[caption] = get_artifact_path(trial, artifact_id)
         save_note(trial, trial_note(number=trial.number, summary=self.summary, result=result,
                                     device=str(self.device), complete=complete, images=images,
-                                    summary_error=self.summary_error))
+                                    summary_error=self.summary_error,
+                                    images_kept=images_line(store_location(self.store), socket.gethostname())))
 
 
-def study_note(spec: StudySpec, *, artifacts: str | None) -> str:
+def training_seconds_by_device(trials: list[optuna.trial.FrozenTrial]) -> dict[str, float]:
+    """Training seconds of the finished trials (``report.training_seconds``) by the device they trained on (trial
+    user attr ``device``; "unknown" where a trial has none), devices that trained none left out."""
+    from hpsearch.report import training_seconds
+
+    seconds: dict[str, float] = {}
+    for t in trials:
+        if t.state.is_finished():
+            device = str(t.user_attrs.get("device", "unknown"))
+            seconds[device] = seconds.get(device, 0.0) + training_seconds(t)
+    return {d: s for d, s in sorted(seconds.items()) if s > 0}
+
+
+def compute_line(seconds: dict[str, float]) -> str:
+    """``- compute: N s of training in all (cpu: X s, cuda:0: Y s)``."""
+    if not seconds:
+        return "- compute: no training yet (no finished trial)"
+    per = ", ".join(f"{d}: {s:,.1f} s" for d, s in seconds.items())
+    return f"- compute: {sum(seconds.values()):,.1f} s of training in all ({per})"
+
+
+def study_note(spec: StudySpec, *, artifacts: str | None, compute: dict[str, float] | None = None) -> str:
+    """``compute``: training seconds by device (``training_seconds_by_device``); None leaves the line out."""
     lines = [
         f"## {spec.name}",
         "",
@@ -228,6 +265,8 @@ def study_note(spec: StudySpec, *, artifacts: str | None) -> str:
         f"- dataset: **{spec.dataset}**",
         f"- epochs per trial: {spec.epochs}; sampler {spec.sampler.get('type')}, pruner {spec.pruner.get('type')}",
     ]
+    if compute is not None:
+        lines.append(compute_line(compute))
     if artifacts is not None:
         lines.append(f"- trial artifacts: `{artifacts}`")
     lines += ["", "Study file (as stored on the study):", "", "```json", json.dumps(spec.to_dict(), indent=2), "```"]
@@ -235,9 +274,11 @@ def study_note(spec: StudySpec, *, artifacts: str | None) -> str:
 
 
 def save_study_note(study: optuna.Study, spec: StudySpec, *, artifacts: str | None) -> None:
-    """Writes the study's note unless it already says the same (workers would otherwise each add a version)."""
+    """Writes the study's note, with the training seconds of its finished trials so far, unless it already says the
+    same (workers would otherwise each add a version)."""
     from optuna_dashboard import get_note, save_note
 
-    body = study_note(spec, artifacts=artifacts)
+    body = study_note(spec, artifacts=artifacts,
+                      compute=training_seconds_by_device(study.get_trials(deepcopy=False)))
     if get_note(study) != body:
         save_note(study, body)

@@ -86,7 +86,8 @@ class Exported:
 
 
 def export_model(study: optuna.Study, spec: StudySpec, *, trial: int | None, seed_index: int, fmt: str | None,
-                 out: Path, data_dir: Path, cache_dir: Path, device: torch.device, say: Say) -> Exported:
+                 out: Path, data_dir: Path, cache_dir: Path, device: torch.device, say: Say,
+                 precision: str = "auto") -> Exported:
     """Writes ``out`` and its card (both whole or not at all) and returns the card."""
     fmt = resolve_format(fmt, out)
     if seed_index < 0:
@@ -100,7 +101,7 @@ def export_model(study: optuna.Study, spec: StudySpec, *, trial: int | None, see
     check_writable_dir(out.parent, option="--out")
     picked = pick_trial(study, trial)
     source, retrained = _source(study, spec, picked, seed_index, data_dir=data_dir, cache_dir=cache_dir,
-                                device=device, say=say)
+                                device=device, say=say, precision=precision)
     if out.resolve() in (source.resolve(), source.with_suffix(".json").resolve()):
         raise SpecError(f"--out {str(out)!r} is the model evaluate saved (the source of this export); "
                         "give another file name")
@@ -208,7 +209,7 @@ def saved_model(study: optuna.Study, number: int, seed_index: int) -> Path | Non
 
 
 def _source(study: optuna.Study, spec: StudySpec, trial: FrozenTrial, seed_index: int, *, data_dir: Path,
-            cache_dir: Path, device: torch.device, say: Say) -> tuple[Path, bool]:
+            cache_dir: Path, device: torch.device, say: Say, precision: str = "auto") -> tuple[Path, bool]:
     saved = saved_model(study, trial.number, seed_index)
     if saved is not None:
         say(f"trial {trial.number} seed {seed_index}: the model evaluate saved, {saved}")
@@ -227,7 +228,8 @@ def _source(study: optuna.Study, spec: StudySpec, trial: FrozenTrial, seed_index
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     evaluate_study(study, spec, top=1, seeds=seed_index + 1, epochs=epochs, data_dir=data_dir, cache_dir=cache_dir,
-                   device=device, train_fraction=fraction, save_dir=models, progress=progress, trials=[trial.number])
+                   device=device, train_fraction=fraction, save_dir=models, progress=progress, trials=[trial.number],
+                   precision=precision)
     saved = saved_model(study, trial.number, seed_index)
     if saved is None:  # evaluate_study saves every seed it is asked for: a bug if it did not
         raise HpsearchError(f"trial {trial.number} seed {seed_index}: retrained, but no saved model was recorded")

@@ -85,6 +85,10 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HPSEARCH_DATA", str(tmp_path / "data"))
     monkeypatch.delenv("HPSEARCH_STORAGE", raising=False)
+    # fp32, not auto: on a CPU with native bf16, auto times both precisions per architecture, and under a varying load
+    # two runs of one configuration could then train in different precisions (tests that compare runs exactly would
+    # flake). Tests of the choice itself pass --precision auto. Subprocesses inherit it.
+    monkeypatch.setenv("HPSEARCH_PRECISION", "fp32")
 
 
 @pytest.fixture(autouse=True)

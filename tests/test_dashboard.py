@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from hpsearch import cli
-from hpsearch.dashboard import ARTIFACTS_ATTR, StudiesArtifactStore
-from hpsearch.explain import TrialExplainer, summarize
+from hpsearch.dashboard import ARTIFACTS_ATTR, PLACEHOLDER_WIDTH, StudiesArtifactStore
+from hpsearch.explain import TrialExplainer, compute_line, summarize, training_seconds_by_device
 from hpsearch.launch import Slot, worker_command
 from hpsearch.train import evaluate
 from tests.conftest import spawn_cli, study_text
@@ -83,9 +86,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         mp.delenv("HPSEARCH_STORAGE", raising=False)
         mp.setattr(sys, "argv", ["hpsearch", "run", "study.toml", "--storage", storage, "--device", "cpu"])
         assert _main() == 0
+    with _dashboard(storage, cwd=root, cache=root / "cache") as (url, head):
+        summaries = _json(url + "/api/studies")["study_summaries"]
+        study_id = next(s["study_id"] for s in summaries if s["study_name"] == "tiny-dash")
+        yield Served(url=url, root=root, study_id=study_id, name="tiny-dash", stdout_head=head)
+
+
+@contextmanager
+def _dashboard(storage: str, *, cwd: Path, cache: Path) -> Iterator[tuple[str, list[str]]]:
+    """``hpsearch dashboard`` as a real process on a free loopback port: its URL and first two stdout lines."""
     port = _free_port()
-    proc = spawn_cli("dashboard", "--storage", storage, "--port", str(port), cwd=root,
-                     env={"HPSEARCH_CACHE": str(root / "cache")})
+    proc = spawn_cli("dashboard", "--storage", storage, "--port", str(port), cwd=cwd,
+                     env={"HPSEARCH_CACHE": str(cache)})
     try:
         head = [proc.stdout.readline().rstrip("\n") for _ in range(2)] if proc.stdout else []
         url = f"http://127.0.0.1:{port}"
@@ -98,9 +110,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"dashboard did not start: {head} {proc.stderr and proc.stderr.read()}") from e
                 time.sleep(0.2)
-        summaries = _json(url + "/api/studies")["study_summaries"]
-        study_id = next(s["study_id"] for s in summaries if s["study_name"] == "tiny-dash")
-        yield Served(url=url, root=root, study_id=study_id, name="tiny-dash", stdout_head=head)
+        yield url, head
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -142,6 +152,7 @@ def test_http_api_lists_notes_and_artifacts_that_download_byte_equal(served: Ser
         assert NOTE_HEADER in body
         assert f"- parameters: {int(_attrs(t)['param_count']):,} (" in body
         assert "- MACs per image: " in body and " on `cpu`" in body
+        assert _images_line(store) in body
         for a in t["artifacts"]:
             link = f"/artifacts/{served.study_id}/{tid}/{a['artifact_id']}"
             assert f"]({link})" in body  # embedded in the note, as the dashboard's own image button writes it
@@ -149,6 +160,26 @@ def test_http_api_lists_notes_and_artifacts_that_download_byte_equal(served: Ser
             data = _get(served.url + link)
             assert data[:8] == b"\x89PNG\r\n\x1a\n"
             assert data == (store / a["artifact_id"]).read_bytes()
+
+
+def _images_line(store: Path) -> str:
+    return (f"- images: kept in `{store}` (host `{socket.gethostname()}`); where they do not show, start "
+            "`hpsearch dashboard --artifacts <that store or a copy of it>`")
+
+
+def test_study_note_counts_training_seconds_by_device(run_cli: Any, write_study: Any) -> None:
+    from optuna_dashboard import get_note
+
+    write_study(name="busy", n_trials=2)
+    r = run_cli("run", "study.toml", "--device", "cpu")
+    assert r.code == 0, r
+    study = optuna.load_study(study_name="busy", storage="sqlite:///hpsearch.db")
+    seconds = training_seconds_by_device(study.trials)
+    assert list(seconds) == ["cpu"] and seconds["cpu"] > 0  # both trials trained on the CPU
+    line = next(x for x in get_note(study).splitlines() if x.startswith("- compute: "))
+    # as of the run's end (the note written when it started had no finished trial)
+    assert line == compute_line(seconds) == f"- compute: {seconds['cpu']:,.1f} s of training in all (cpu: " \
+        f"{seconds['cpu']:,.1f} s)"
 
 
 def test_no_artifacts_uploads_nothing(run_cli: Any, write_study: Any, tmp_path: Path) -> None:
@@ -212,6 +243,7 @@ def test_explainer_survives_a_model_it_cannot_summarize(tmp_path: Path) -> None:
     explainer.finish(trial, complete=True)
     note = get_note(trial)
     assert "- no layer table: RuntimeError: needs a batch" in note
+    assert _images_line(tmp_path / "store") in note
     assert NOTE_HEADER not in note
     assert len(os.listdir(tmp_path / "store")) == 2  # the curve and the confusion matrix
 
@@ -230,18 +262,44 @@ def test_evaluate_fills_the_confusion_counts() -> None:
 
 def test_studies_artifact_store_reads_each_location(tmp_path: Path) -> None:
     from optuna.artifacts import FileSystemArtifactStore
-    from optuna.artifacts.exceptions import ArtifactNotFound
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     (b / "id-b").write_bytes(b"bee")
-    store = StudiesArtifactStore([FileSystemArtifactStore(a), FileSystemArtifactStore(b)])
+    store = StudiesArtifactStore([FileSystemArtifactStore(a), FileSystemArtifactStore(b)], [str(a), str(b)])
     with store.open_reader("id-b") as f:
         assert f.read() == b"bee"
-    with pytest.raises(ArtifactNotFound):
-        store.open_reader("id-none")
-    with pytest.raises(ValueError, match=r"The value of `stores` is \[\], but must hold at least one"):
-        StudiesArtifactStore([])
+    for bad in ("../id-b", str(b / "id-b"), ""):  # malformed ids still raise, as in the file-system store
+        with pytest.raises(ValueError, match="Invalid artifact_id"):
+            store.open_reader(bad)
+
+
+def test_an_image_in_no_store_is_a_placeholder_png(tmp_path: Path) -> None:
+    from optuna.artifacts import FileSystemArtifactStore
+    from PIL import Image
+
+    from hpsearch.dashboard import placeholder_lines
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "id-a").write_bytes(b"real bytes")
+    store = StudiesArtifactStore([FileSystemArtifactStore(a)], [str(a)])
+    with store.open_reader("id-a") as f:
+        assert f.read() == b"real bytes"
+    with store.open_reader("id-none") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.width == PLACEHOLDER_WIDTH
+    assert placeholder_lines([str(a)]) == ["image not in the artifact stores this dashboard reads:", f"  {a}",
+                                           "see the note's 'images' line; start",
+                                           "hpsearch dashboard --artifacts DIR|s3://..."]
+    long = "s3://bucket/" + "p" * 200
+    assert all(len(x) <= 80 for x in placeholder_lines([long] * 6))
+    # No store could be opened: still a placeholder, and an upload says why it cannot be kept.
+    empty = StudiesArtifactStore([], [])
+    assert empty.open_reader("id-a").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(OSError, match="no artifact store could be opened"):
+        empty.write("x", io.BytesIO(b""))
 
 
 def _chromium_skip_reason() -> str | None:
@@ -321,3 +379,48 @@ def test_browser_renders_study_trial_note_and_artifact_images(served: Served, br
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("HPSEARCH_SCREENSHOTS"):  # docs/: HPSEARCH_SCREENSHOTS=docs pytest -k browser
         shutil.copy(shot, Path(os.environ["HPSEARCH_SCREENSHOTS"]) / "dashboard-trial.png")
+
+
+def _dump(db: Path) -> list[str]:
+    """Every row of the SQLite database as SQL (its WAL file included)."""
+    con = sqlite3.connect(db)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+def test_browser_explains_images_missing_from_the_store(served: Served, browser: Any, tmp_path: Path) -> None:
+    """The database copied to another machine without its artifact store: each note image is a placeholder that
+    says so, the note says where the images were kept, and the dashboard leaves the database as it was."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    db = tmp_path / "copied.sqlite"
+    with sqlite3.connect(served.root / "db.sqlite") as src, sqlite3.connect(db) as dst:
+        src.backup(dst)  # WAL mode: the file alone may not hold the latest writes yet
+    before = _dump(db)
+    kept = served.root / "cache" / "artifacts"  # where the run kept them; this dashboard's cache has none
+    with _dashboard(f"sqlite:///{db}", cwd=tmp_path, cache=tmp_path / "cache") as (url, head):
+        assert head[0] == f"artifacts from {tmp_path / 'cache' / 'artifacts'}"
+        study = _json(f"{url}/api/studies/{served.study_id}")
+        trial = next(t for t in study["trials"] if t["state"] == "Complete")
+        links = [f"/artifacts/{served.study_id}/{trial['trial_id']}/{a['artifact_id']}" for a in trial["artifacts"]]
+        assert len(links) == 2 and not any((tmp_path / "cache" / "artifacts" / a["artifact_id"]).exists()
+                                           for a in trial["artifacts"])
+        assert _get(url + links[0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+        wait = WebDriverWait(browser, 90)
+        browser.get(f"{url}/dashboard/studies/{served.study_id}/trials?numbers={trial['number']}")
+        loaded = """const want = new Set(arguments[0]);
+                    const mine = [...document.images].filter(i => want.has(i.src));
+                    return new Set(mine.map(i => i.src)).size === want.size
+                        && mine.every(i => i.complete && i.naturalWidth > 0) && mine.map(i => i.naturalWidth);"""
+        widths = wait.until(lambda d: d.execute_script(loaded, sorted(url + link for link in links)),
+                            message="the note's images did not load (broken images)")
+        assert set(widths) == {PLACEHOLDER_WIDTH}  # the placeholder (in the note and the artifact list)
+        line = f"images: kept in {kept} (host {socket.gethostname()}); where they do not show, start " \
+               "hpsearch dashboard --artifacts <that store or a copy of it>"
+        wait.until(lambda d: line in d.find_element(By.TAG_NAME, "body").text,
+                   message=f"the note does not show {line!r}")
+    assert _dump(db) == before  # read-only: the dashboard wrote nothing to the database

@@ -97,7 +97,8 @@ def test_each_trial_trains_in_the_precision_its_timed_steps_chose(run_cli, write
 
     monkeypatch.setattr(objective, "probe_steps", probe)
     monkeypatch.setattr(objective, "fit", recording_fit)
-    result = run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))))
+    result = run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))),
+                     "--precision", "auto")
     assert result.code == 0, result
     [trial] = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").trials
     assert trial.user_attrs["precision"] == chosen

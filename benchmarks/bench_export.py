@@ -198,7 +198,7 @@ def main() -> None:
           "(a fresh process each, its check and latency runs included)")
     print()
     print(f"| runtime | argmax agreement vs PyTorch | max abs logit diff | test acc (fp32) | evaluate's stored test "
-          f"acc ({precision}) |")
+          f"acc (trained in {precision}) |")
     print("|---|---|---|---|---|")
     for name, row in fidelity.items():
         print(f"| {name} | {row['agreement']:.4%} | {row['max_diff']:.2g} | {row['accuracy']:.4f} | "

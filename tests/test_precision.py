@@ -144,7 +144,9 @@ def test_bf16_training_reaches_fp32_accuracy_and_keeps_fp32_weights(tmp_path) ->
 @needs_bf16
 def test_a_model_trained_in_bf16_saves_and_loads_in_fp32(run_cli, write_study, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(devices, "cpu_bf16_native", lambda: True)
-    path = write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))
+    # 4,000 test images of a barely trained model: many close calls, so bf16 inference would move some of them.
+    dataset = 'dataset = "synthetic:classes=3,size=12,train=192,test=4000"'
+    path = write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE, dataset=dataset))
     assert run_cli("run", str(path), "--precision", "bf16").code == 0
     result = run_cli("evaluate", "tiny", "--seeds", "1", "--save", str(tmp_path / "models"), "--precision", "bf16")
     assert result.code == 0, result
@@ -156,3 +158,10 @@ def test_a_model_trained_in_bf16_saves_and_loads_in_fp32(run_cli, write_study, t
     model = load_model(weights)
     logits = model(torch.randint(0, 256, (2, 1, 12, 12), dtype=torch.uint8))  # synthetic: grey 12x12
     assert logits.dtype == torch.float32 and logits.shape == (2, 3)
+    # The stored test accuracy is the saved model's own (measured in fp32, as it is loaded and exported).
+    from hpsearch.data import read_raw
+
+    test_x, test_y = read_raw("synthetic:classes=3,size=12,train=192,test=4000", tmp_path, tmp_path).sealed_test
+    with torch.no_grad():
+        accuracy = (model(test_x).argmax(1) == test_y).sum().item() / len(test_y)
+    assert study.user_attrs["evaluate:0"]["runs"][0]["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)

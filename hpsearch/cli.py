@@ -29,11 +29,12 @@ from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
 from hpsearch._secrets import redact_url, scrub, scrub_log_records
-from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, PROXY_WARNING, is_proxy_url
+from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, is_proxy_url
 from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
     count_finished,
+    database_error,
     dead_trial_rule,
     fail_stale,
     finished_if_exists,
@@ -239,8 +240,6 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
                      artifacts=artifacts_location or artifacts.default_location(cache))
     # A new SQLite file is made only once the data has been read: a run that fails on its data leaves none behind.
     rdb = None if new_sqlite_file(storage_url(storage)) else open_storage(storage)
-    if summary and is_proxy_url(storage_url(storage)):  # once per command: --workers' children (no summary) skip it
-        err_console.print(PROXY_WARNING.format(url=redact_url(storage_url(storage))), soft_wrap=True)
     target = n_trials or spec.n_trials
     finished = None if rdb is None else finished_if_exists(rdb, spec.name)
     if rdb is not None and target is not None and finished is not None and finished >= target:
@@ -304,12 +303,12 @@ def _run(spec: StudySpec, storage: str | None, n_trials: int | None, timeout: fl
 
         outcome = run_trials(study, objective, n_trials=target, timeout=timeout or spec.timeout,
                              on_trial_end=on_trial_end, on_storage_error=_storage_error,
+                             on_taken_over=_taken_over, target=spec.target)
+    term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     try:  # the note's training seconds as of this run's end; best effort: the run's own outcome comes next
         _save_study_note(study, spec, explain=not no_artifacts)
     except Exception as e:
         err_console.print(f"warning: the study's note was not updated ({first_line(e)})", soft_wrap=True)
-                             on_taken_over=_taken_over, target=spec.target)
-    term = signals.raised()  # first: from here on a resent SIGTERM is ignored
     if summary:
         console.print(summary_table(study))
         console.print(display.budget_line(time.monotonic() - started), soft_wrap=True)
@@ -359,7 +358,8 @@ def _taken_over() -> None:
 
 
 def _storage_error(error: BaseException, retry_in: float) -> None:
-    err_console.print(f"warning: lost the database ({scrub(first_line(error))}); going on in {retry_in:g} s",
+    cause = database_error(error) or error  # the driver's words, not Optuna's secondary error while handling them
+    err_console.print(f"warning: lost the database ({scrub(first_line(cause))}); going on in {retry_in:g} s",
                       soft_wrap=True)
 
 
@@ -736,7 +736,7 @@ def proxy(
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535, help="Port to listen on."),
 ) -> None:
     """Serve the database to many workers as Optuna's gRPC storage proxy; workers pass --storage grpc://HOST:PORT.
-    Behind the proxy there are no heartbeats: a killed worker's trial stays RUNNING and is not retried."""
+    Workers' heartbeats go through it, and it fails and retries the trials of killed workers (README, "Proxy")."""
     from hpsearch import proxy as grpc_proxy
 
     url = storage_url(storage)
@@ -768,9 +768,9 @@ def export_model(
     storage: str | None = StorageOpt,
     data_dir: Path | None = DataDirOpt,
     cache_dir: Path | None = CacheDirOpt,
-    precision: str = PrecisionOpt,
     device: str = DeviceOpt,
     threads: int | None = ThreadsOpt,
+    precision: str = PrecisionOpt,
 ) -> None:
     """Write a trial's model as one self-contained file (uint8 images [B, C, H, W] in, logits out; preprocessing
     inside) with its model card, after checking it against PyTorch on validation images.
@@ -783,9 +783,9 @@ def export_model(
     exporting.resolve_format(fmt, out)  # a bad --format/--out fails before anything is opened
     rdb = open_storage(storage, create=False)
     spec = load_spec_from_study(rdb, name)
-    check_precision(precision, dev)
     study = load_existing(rdb, name)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     configure_threads(threads)  # the export, its check and its latency run on the CPU whatever --device trains on
 
     def say(text: str) -> None:

@@ -11,6 +11,8 @@ rungs has one stage and reports every epoch.
 
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -122,7 +124,9 @@ def make_objective(
             signals.delivered(e)  # Optuna now stores FAIL: not to be interrupted by a resent SIGTERM
             e.trial_number = trial.number
             raise
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+            # UpdateFinishedTrialError: this worker was cut off from the database past the grace period and another
+            # failed its trial as stale (its retry resumes from the checkpoint); the trial takes no more writes.
             raise
         except HpsearchError as e:
             # Not this configuration's fault (weights or files that cannot be had): every trial would fail the
@@ -157,6 +161,7 @@ def make_objective(
         trial.set_user_attr("trainable_param_count",
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
         trial.set_user_attr("device", str(device))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # a retry says where it ran, too
         if spec.max_flops is not None:
             # Cost cap, before any training: multiply-accumulates of one image through the model. Stored like a
             # rejected architecture: pruned for TPE, not counted toward n_trials.

@@ -1,17 +1,23 @@
 """Storage: any SQLAlchemy URL. The default is an SQLite file in the working directory, set up so that a few
 local processes share it (WAL journal, long busy timeout). Heartbeats fail the trials of killed workers and
-enqueue a retry that resumes from the trial's last checkpoint."""
+enqueue a retry that resumes from the trial's last checkpoint (``HeartbeatStorage``: Optuna's RDBStorage with the
+holes in that recovery closed)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
@@ -39,8 +45,8 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
     """``create=False`` (the read-only commands): a missing SQLite file is an error, not a new empty database.
     A ``grpc://host:port`` URL gives a client of ``hpsearch proxy`` (see hpsearch.proxy)."""
     url = storage_url(url)
-    if is_proxy_url(url):
-        return open_proxy(url)
+    if is_proxy_url(url):  # its workers' heartbeats go through the proxy, which fails the stale trials
+        return open_proxy(url, heartbeat=heartbeat_settings()[0])
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
@@ -49,7 +55,7 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
     # Read before the database is touched: a bad value is bad input (exit 2), not a failure to open it.
     heartbeat, grace = heartbeat_settings()
     # A server restart or a dropped idle connection is noticed before use, not in the middle of a trial.
-    engine_kwargs: dict = {"pool_pre_ping": True}
+    engine_kwargs: dict = {"pool_pre_ping": True, **pool_settings(parsed)}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             if not create and not Path(parsed.database).is_file():
@@ -66,16 +72,14 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
             return _rdb_storage(url, engine_kwargs, heartbeat=heartbeat, grace=grace, create=create)
         except SpecError:
             raise
-        except sqlalchemy.exc.DatabaseError as e:
-            if parsed.get_backend_name() == "sqlite" and _damaged_sqlite(e):
-                raise _not_sqlite(parsed.database, e) from None
-            raise HpsearchError(f"--storage {redact_url(url)}: cannot open the database ({first_line(e)})") from None
         except sqlalchemy.exc.NoSuchModuleError:
             raise SpecError(f"--storage {redact_url(url)}: {parsed.drivername!r} is not a database SQLAlchemy knows "
                             "(e.g. sqlite, postgresql+psycopg, mysql+pymysql)") from None
         except ImportError as e:
             raise HpsearchError(f"--storage {redact_url(url)}: the database driver is not installed ({e})") from None
         except Exception as e:  # connection refused, unknown database, permissions: all end the same way
+            if parsed.get_backend_name() == "sqlite" and _damaged_sqlite(e):
+                raise _not_sqlite(parsed.database, e) from None
             # Workers started together on an empty database race to create Optuna's tables; the loser sees a
             # unique-key violation from the catalogue and simply opens the tables the winner made.
             if _is_integrity_error(e) and attempt + 1 < TABLE_RACE_ATTEMPTS:
@@ -91,11 +95,157 @@ def heartbeat_settings() -> tuple[int, int]:
             _env_seconds("HPSEARCH_GRACE_SECONDS", GRACE_SECONDS))
 
 
+DB_POOL_ENV = "HPSEARCH_DB_POOL"
+
+
+def pool_settings(parsed: sqlalchemy.engine.URL) -> dict:
+    """Engine settings for ``HPSEARCH_DB_POOL=none``: the database URL points at a pooler in transaction mode
+    (PgBouncer, ``pool_mode = transaction``), which owns the server connections. hpsearch then keeps no pool of
+    its own (SQLAlchemy's NullPool: a connection to the pooler per session, closed after it) and psycopg prepares
+    no statements (a prepared statement lives on one server connection; the pooler hands the next transaction to
+    another). Unset: SQLAlchemy's default pool, prepared statements as the driver does them."""
+    raw = os.environ.get(DB_POOL_ENV, "")
+    if raw == "":
+        return {}
+    if raw != "none":
+        raise SpecError(f"{DB_POOL_ENV}: {raw!r} must be 'none' (a pooler such as PgBouncer in front of the "
+                        "database) or unset")
+    settings: dict = {"poolclass": sqlalchemy.pool.NullPool}
+    if parsed.get_driver_name() == "psycopg":
+        settings["connect_args"] = {"prepare_threshold": None}
+    return settings
+
+
+def reap_seconds(heartbeat: int, grace: int) -> int:
+    """How often stale trials are looked for while trials run (by each worker's heartbeat thread, and by
+    ``hpsearch proxy``). A quarter of the grace period (a heartbeat at least): a dead worker's trial is failed
+    within two grace periods of its death, even one killed before its first heartbeat (``HeartbeatStorage``)."""
+    return max(heartbeat, grace // 4)
+
+
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage with three holes in its heartbeat recovery closed:
+
+    - A trial whose worker died before its first heartbeat has no heartbeat row, and Optuna finds stale only the
+      trials that have one: it stayed RUNNING for good. Looking for stale trials now first gives such a trial a
+      heartbeat row, dated now by the database's clock (the clock of every heartbeat; a worker's clock would
+      differ). A live worker overwrites it within a heartbeat; a dead one's goes stale a grace period later.
+    - Two processes failing the same stale trial at once could both succeed and both queue a retry (SQLite has
+      no ``SELECT ... FOR UPDATE``): a change of state now first claims the trial with an ``UPDATE ... WHERE
+      state = <the state it changes from>``, which the database serialises, and only the claimant changes it.
+    - Stale trials were only looked for when a worker started its next trial. Each worker's heartbeat thread now
+      also does it every ``reap_seconds`` (``reap_while_beating``; ``hpsearch proxy`` has its own reaper instead).
+    """
+
+    reap_while_beating = True
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._studies: dict[int, optuna.Study] = {}  # study id -> the study, for the heartbeat thread's look
+        self._trial_study: dict[int, int] = {}  # trial id -> study id
+        self._last_look: dict[int, float] = {}  # study id -> time.monotonic() of the last look for stale trials
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.update(_studies={}, _trial_study={}, _last_look={})  # caches, and Study objects do not travel
+        return state
+
+    @property
+    def reap_seconds(self) -> int:
+        assert self.heartbeat_interval is not None
+        return reap_seconds(self.heartbeat_interval, self.grace_period or 2 * self.heartbeat_interval)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        if state == TrialState.RUNNING:
+            before: tuple[TrialState, ...] = (TrialState.WAITING,)
+        elif state.is_finished():
+            before = (TrialState.RUNNING, TrialState.WAITING)
+        else:
+            return super().set_trial_state_values(trial_id, state, values)
+        trials = models.TrialModel.__table__
+        session = self.scoped_session()
+        try:
+            # A write that changes nothing: it takes the trial's lock (the database's, on SQLite) and says whether
+            # the trial is still in a state this change may leave. Optuna's own update then runs in this
+            # transaction, so no other process can change the trial between the two.
+            claim = session.execute(
+                sqlalchemy.update(trials)
+                .where(trials.c.trial_id == trial_id, trials.c.state.in_(before))
+                .values(state=trials.c.state))
+            claimed = claim.rowcount == 1  # type: ignore[attr-defined]
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            session.rollback()
+            session.close()
+            raise optuna.exceptions.StorageInternalError(f"cannot update trial {trial_id}: {first_line(e)}") from e
+        if not claimed:
+            # Finished already, taken by another worker, or no such trial: Optuna's own answer for each
+            # (UpdateFinishedTrialError, False, KeyError), read in a transaction of its own.
+            session.rollback()
+            session.close()
+        return super().set_trial_state_values(trial_id, state, values)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        self._date_heartbeatless(study_id)
+        return super()._get_stale_trial_ids(study_id)
+
+    def _date_heartbeatless(self, study_id: int) -> None:
+        """Gives each RUNNING trial of the study that has no heartbeat row one, dated now by the database."""
+        trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+        with self.engine.connect() as con:
+            orphans = con.execute(
+                sqlalchemy.select(trials.c.trial_id).where(
+                    trials.c.study_id == study_id, trials.c.state == TrialState.RUNNING,
+                    ~sqlalchemy.exists().where(beats.c.trial_id == trials.c.trial_id))).scalars().all()
+        for trial_id in orphans:
+            try:
+                with self.engine.begin() as con:
+                    con.execute(sqlalchemy.insert(beats).values(trial_id=trial_id))  # heartbeat: the database's now
+            except sqlalchemy.exc.IntegrityError:
+                pass  # its worker (or another process) has just written one
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            # A server restart or a network cut: the heartbeat thread must outlive it (Optuna's ends at the first
+            # error, and a live trial would then be failed as stale a grace period later). The next beat retries.
+            _logger.debug("heartbeat of trial %d not written: %s", trial_id, first_line(e))
+            return
+        if self.reap_while_beating:
+            try:
+                self._look_for_stale(trial_id)
+            except Exception as e:  # never end the heartbeat thread: the next look may succeed
+                _logger.debug("looking for stale trials failed: %s", first_line(e))
+
+    def _look_for_stale(self, trial_id: int) -> None:
+        from hpsearch.study import fail_stale
+
+        study_id = self._trial_study.get(trial_id)
+        if study_id is None:
+            trials = models.TrialModel.__table__
+            with self.engine.connect() as con:
+                study_id = con.execute(sqlalchemy.select(trials.c.study_id)
+                                       .where(trials.c.trial_id == trial_id)).scalar_one()
+            self._trial_study[trial_id] = study_id
+        now = time.monotonic()
+        if now - self._last_look.get(study_id, -float("inf")) < self.reap_seconds:
+            return
+        self._last_look[study_id] = now
+        study = self._studies.get(study_id)
+        if study is None:
+            study = self._studies[study_id] = optuna.load_study(
+                study_name=self.get_study_name_from_id(study_id), storage=self)
+        fail_stale(study)
+
+
+_logger = logging.getLogger(__name__)
+
+
 def _rdb_storage(url: str, engine_kwargs: dict, *, heartbeat: int, grace: int,
-                 create: bool) -> optuna.storages.RDBStorage:
+                 create: bool) -> HeartbeatStorage:
     with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        storage = HeartbeatStorage(
             # Optuna fills the URL in with str.format: doubled braces reach the driver as the user's own braces
             # (a password "a{b}" would otherwise be a KeyError naming part of the password).
             url.replace("{", "{{").replace("}", "}}"),
@@ -105,7 +255,25 @@ def _rdb_storage(url: str, engine_kwargs: dict, *, heartbeat: int, grace: int,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=MAX_RETRY, inherit_intermediate_values=True),
             skip_table_creation=not create,
+            skip_compatibility_check=_behind_pooler(engine_kwargs),
         )
+    if _behind_pooler(engine_kwargs):
+        _check_schema_version(storage)
+    return storage
+
+
+def _behind_pooler(engine_kwargs: dict) -> bool:
+    return engine_kwargs.get("poolclass") is sqlalchemy.pool.NullPool  # HPSEARCH_DB_POOL=none (pool_settings)
+
+
+def _check_schema_version(storage: optuna.storages.RDBStorage) -> None:
+    """Optuna's schema version check without its second connection. Optuna reads version_info in a transaction
+    and, still in it, the alembic revision on another connection: behind a transaction pooler with P server
+    connections, P workers opening the storage at once each held one and waited for a second until the pooler's
+    query_wait_timeout (measured: 16 workers on PgBouncer's 4 stopped for 120 s, then failed)."""
+    versions = storage._version_manager
+    if versions.get_current_version() != versions.get_head_version():
+        versions.check_table_schema_compatibility()  # Optuna's own error, which names the upgrade command
 
 
 OPTUNA_TABLES = ("studies", "trials", "version_info")

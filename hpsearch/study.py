@@ -315,7 +315,10 @@ def finished_if_exists(storage: optuna.storages.BaseStorage, name: str) -> int |
 def fail_stale(study: optuna.Study) -> None:
     """Fails (and enqueues the retry of) trials whose worker died: their heartbeat is older than the grace period.
     Optuna does this before each trial; hpsearch also does it when a run has no trial to start, so a dead
-    worker's trial does not stay RUNNING in a study that has reached its count."""
+    worker's trial does not stay RUNNING in a study that has reached its count, and each worker's heartbeat thread
+    and ``hpsearch proxy`` do it every ``storage.reap_seconds``. With ``storage.HeartbeatStorage`` a trial without
+    a heartbeat (its worker died first) is given one, so it goes stale too, and each stale trial is retried once
+    however many processes fail it at the same moment."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -519,20 +522,26 @@ def run_trials(
 DB_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 
+def database_error(e: BaseException | None) -> BaseException | None:
+    """The database error behind ``e`` (the first in its chain), or None: what to tell the user, not the secondary
+    error Optuna raised while handling it (an UnboundLocalError from its clean-up, say)."""
+    while e is not None:
+        if isinstance(e, DB_ERRORS) or type(e).__module__.startswith("grpc"):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _lost_database(e: BaseException | None) -> bool:
     """Whether a database error is behind ``e``: Optuna can raise a secondary error while handling one
     (its own clean-up queries fail too), so the whole chain is searched."""
-    while e is not None:
-        # grpc.RpcError (by module name: grpc is an optional extra): the gRPC proxy is down or unreachable.
-        if isinstance(e, DB_ERRORS) or type(e).__module__.startswith("grpc"):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return database_error(e) is not None
 
 
 def _taken_over(e: BaseException) -> bool:
     """Optuna's refusal to store the result of a trial that another worker has failed as stale meanwhile."""
-    return isinstance(e, ValueError) and str(e).startswith("Cannot tell a FAIL trial")
+    return isinstance(e, optuna.exceptions.UpdateFinishedTrialError) or (
+        isinstance(e, ValueError) and str(e).startswith("Cannot tell a FAIL trial"))
 
 
 def _count_or_none(study: optuna.Study) -> int | None:
@@ -553,4 +562,6 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
         return False
     # Ctrl-C and SIGTERM (a KeyboardInterrupt too): the CLI says in one line what happened to the trial; Optuna's
     # warning would add its traceback.
-    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError | KeyboardInterrupt))
+    # So is the refusal of a late write to a trial another worker failed as stale (run_trials says it in one line).
+    return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError | KeyboardInterrupt
+                                               | optuna.exceptions.UpdateFinishedTrialError))

@@ -21,7 +21,7 @@ BAD_CASES = [
     ("unknown key", GOOD.replace('strategy = "scratch"', 'strategy = "scratch"\nepoch = 3'),
      "unknown key 'epoch'; allowed: name, dataset, strategy, epochs, n_trials, timeout, max_seconds_per_epoch, "
      "max_flops, val_fraction, "
-     "train_fraction, sampler, pruner, seed, tta, rungs, final, space, enqueue"),
+     "train_fraction, sampler, pruner, seed, tta, rungs, final, target, warm_start, space, enqueue"),
     ("missing key", GOOD.replace('strategy = "scratch"\n', ""), "missing required key 'strategy'"),
     ("epochs wrong type", GOOD.replace("epochs = 2", 'epochs = "2"'),
      'epochs = "2" must be an integer >= 1 and <= 10000'),

@@ -20,19 +20,10 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch import artifacts
-from tests.conftest import study_text
+from tests.conftest import ONE_CONFIG_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
-ONE_CONFIG = """
-[space]
-conv_layers = 1
-channels = 4
-padding = "same"
-stride = 1
-fc_layers = 1
-batch_size = 32
-optimizer = "adam"
-"""
+ONE_CONFIG = ONE_CONFIG_SPACE
 # About 14 MB of checkpoint (a 9216 x 128 layer, Adam's two moments): far above the file-size limit of the
 # subprocess test, while the database, its WAL and the trial PNGs stay far below it.
 BIG_CHECKPOINT = ONE_CONFIG.replace("channels = 4", "channels = 64").replace("fc_layers = 1",

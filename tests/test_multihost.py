@@ -30,13 +30,10 @@ ip/unshare, no netns) or PostgreSQL is not running.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGCONT, SIGSTOP
@@ -50,7 +47,7 @@ from hpsearch import artifacts
 from tests.chaos_worker import PID_ATTR
 from tests.conftest import ONE_CONFIG_SPACE, study_text
 from tests.multihost import BUCKET, HOST_ATTR, Cluster, Host, why_no_namespaces
-from tests.test_services import _pg_admin
+from tests.test_services import pg_database
 
 STUDY = "multihost"
 PREFIX = "runs/multihost"
@@ -339,20 +336,6 @@ def run_plan(run: Run, url: str, local_url: str, tmp_path: Path) -> None:
 
 
 
-@contextlib.contextmanager
-def database() -> Iterator[str]:
-    """A database of its own on the PostgreSQL server at 127.0.0.1:5432 (tests/test_services.py's pg_url, for a
-    module-scoped run)."""
-    name = f"hpsearch_test_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with _pg_admin() as con:
-            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def play(plan: Plan, workdir: Path) -> Run:
     """Runs ``plan`` on a cluster made for it and torn down after it (also when it fails), with the end state read."""
     why = why_no_namespaces()
@@ -362,7 +345,7 @@ def play(plan: Plan, workdir: Path) -> Run:
     pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
     if plan.restart_postgresql and shutil.which("pg_ctlcluster") is None:
         pytest.skip("pg_ctlcluster is not installed: cannot restart the server")
-    with database() as local_url, Cluster(plan.hosts, workdir) as cluster, pytest.MonkeyPatch.context() as mp:
+    with pg_database() as local_url, Cluster(plan.hosts, workdir) as cluster, pytest.MonkeyPatch.context() as mp:
         create_study(plan, local_url, cluster, workdir, mp)
         run = Run(plan, cluster)
         try:

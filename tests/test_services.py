@@ -3,6 +3,7 @@ loses no finished trial. Skipped, with the reason, where the servers are not run
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import uuid
@@ -26,8 +27,9 @@ def _pg_admin():
         pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({str(e).strip().splitlines()[0]})")
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
+    """The URL of a database of its own on the PostgreSQL server at 127.0.0.1:5432, dropped afterwards."""
     name = f"hpsearch_test_{uuid.uuid4().hex[:12]}"
     with _pg_admin() as con:
         con.execute(f'CREATE DATABASE "{name}"')
@@ -36,6 +38,12 @@ def pg_url() -> Iterator[str]:
     finally:
         with _pg_admin() as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
 
 
 @pytest.mark.services

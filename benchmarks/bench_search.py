@@ -53,8 +53,8 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
 from hpsearch import results  # noqa: E402
-from hpsearch._display import trial_ending  # noqa: E402
-from hpsearch.study import DEAD_MARGIN, is_rejected  # noqa: E402
+from hpsearch.study import DEAD_MARGIN  # noqa: E402
+from hpsearch.trials import ending, is_rejected  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def one_seed(args: argparse.Namespace, name: str, pruner: str, seed: int, work: 
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED and not is_rejected(t) for t in trials),
         rejected=sum(is_rejected(t) for t in trials),
-        failed=sum(trial_ending(t) == "failed" for t in trials if t.state.is_finished()),
+        failed=sum(ending(t) == "failed" for t in trials if t.state.is_finished()),
         at_chance_seconds=at_chance, best_val=float(best.value or 0.0), best_trial=best.number,
         sampled_best=sampled_best(trials), epochs=sum(len(t.intermediate_values) for t in trials),
         test=[r["test_accuracy"] for r in stored.get("runs", [])],

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpsearch.study import target_status
+from hpsearch.trials import ENDINGS, STOP_REASONS, ending, is_rejected, refused_for_cost
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
@@ -40,7 +41,7 @@ class RunDisplay:
 
     def trial_end(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.datetime_start and trial.datetime_complete:
-            self.seconds[trial_ending(trial)] += (trial.datetime_complete - trial.datetime_start).total_seconds()
+            self.seconds[ending(trial)] += (trial.datetime_complete - trial.datetime_start).total_seconds()
         trials = study.get_trials(deepcopy=False)
         rejected = sum(t.state == TrialState.PRUNED and "rejected" in t.user_attrs for t in trials)
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) - rejected
@@ -48,7 +49,7 @@ class RunDisplay:
         best = _best_value(study)
         value = "" if trial.value is None else f"{trial.value:.4f}"
         if trial.state == TrialState.PRUNED:
-            why = next((trial.user_attrs[k] for k in PRUNE_REASONS if k in trial.user_attrs), None)
+            why = next((trial.user_attrs[k] for k in STOP_REASONS if k in trial.user_attrs), None)
             epochs = len(trial.intermediate_values)
             if why is None and "rung" in trial.user_attrs:  # successive halving on rungs (objective.stages)
                 why = f"not promoted after rung {trial.user_attrs['rung']}"
@@ -107,22 +108,6 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-# How a trial ended, for the budget line: pruned trials split by why (dead: at chance; rejected: never trained).
-ENDINGS = ("complete", "pruned", "dead", "over_cost", "diverged", "rejected", "failed")
-PRUNE_REASONS = ("rejected", "dead", "over_cost", "diverged")  # user attrs that say why a trial was pruned
-
-
-def trial_ending(trial: optuna.trial.FrozenTrial) -> str:
-    if trial.state == TrialState.COMPLETE:
-        return "complete"
-    if trial.state == TrialState.PRUNED:
-        for why in PRUNE_REASONS:
-            if why in trial.user_attrs:
-                return why
-        return "pruned"
-    return "failed"
-
-
 def _best_value(study: optuna.Study) -> str:
     try:
         return f"{study.best_value:.4f}"
@@ -137,14 +122,12 @@ def summary_table(study: optuna.Study) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("trials", ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c) or "none")
-    reasons = [t.user_attrs["rejected"] for t in trials if t.state == TrialState.PRUNED and "rejected" in t.user_attrs]
-    if reasons:
-        # Pruned before training: they cost no epochs and do not count toward n_trials. The cost caps' reasons end
-        # "over max_flops = ..." / "over max_seconds_per_epoch = ..." (hpsearch.objective).
-        over_cap = sum(" over max_" in why for why in reasons)
-        kinds = [f"{n} {what}" for n, what in ((len(reasons) - over_cap, "architecture shrinks below 1x1"),
+    rejected = [t for t in trials if is_rejected(t)]
+    if rejected:  # pruned before training: they cost no epochs and do not count toward n_trials
+        over_cap = sum(refused_for_cost(t) for t in rejected)
+        kinds = [f"{n} {what}" for n, what in ((len(rejected) - over_cap, "architecture shrinks below 1x1"),
                                                (over_cap, "over a cost cap")) if n]
-        table.add_row("rejected", f"{len(reasons)} of the pruned ({', '.join(kinds)}; not counted)")
+        table.add_row("rejected", f"{len(rejected)} of the pruned ({', '.join(kinds)}; not counted)")
     target = target_status(study)
     if target is not None:
         table.add_row("target", target)

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hpsearch import results, signals
-from hpsearch._display import PRUNE_REASONS, RunDisplay, TrainingProgress, summary_table
+from hpsearch._display import RunDisplay, TrainingProgress, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
@@ -33,7 +33,6 @@ from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, is_proxy_url
 from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
 from hpsearch.study import (
     SPEC_ATTR,
-    count_finished,
     database_error,
     dead_trial_rule,
     fail_stale,
@@ -43,6 +42,7 @@ from hpsearch.study import (
     open_study,
     run_trials,
 )
+from hpsearch.trials import count_finished, stop_note
 
 if TYPE_CHECKING:
     from hpsearch.spec import StudySpec
@@ -536,7 +536,7 @@ def _trial_row(t: optuna.trial.FrozenTrial, tested: dict[int, Any] | None = None
         "seconds_per_epoch": t.user_attrs.get("seconds_per_epoch"),
         "param_count": t.user_attrs.get("param_count"),
         "device": t.user_attrs.get("device"),
-        "note": next((t.user_attrs[k] for k in (*PRUNE_REASONS, "error") if k in t.user_attrs), None),
+        "note": stop_note(t),
         "duration_s": duration,
         "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
         **results.test_columns((tested or {}).get(t.number)),
@@ -712,7 +712,7 @@ def create(
     # Imported here, not at the top: this command trains nothing, so it pays for no training module.
     from hpsearch.spec import load_spec
     from hpsearch.storage import open_storage
-    from hpsearch.study import count_finished, finished_if_exists, open_study
+    from hpsearch.study import finished_if_exists, open_study
 
     spec = load_spec(study_file)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not Optuna's "A new study created" log line

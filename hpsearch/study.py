@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._secrets import redact_url
+from hpsearch.trials import count_finished, is_rejected
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that only read need neither
     from hpsearch.spec import StudySpec
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that o
 SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 TARGET_ATTR = "hpsearch:target_met"  # when and by which trial the study file's target was reached
 WARM_START_ATTR = "hpsearch:warm_start"  # what the warm start enqueued and skipped, when the study was created
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DB_RETRY_SECONDS = 5  # after a lost database connection, wait this long before going on
 DB_OUTAGE_SECONDS = 600  # give up (exit 1) when the database stays unreachable this long
 # Trials rejected before training (feature map below 1x1) stay PRUNED, so TPE learns to avoid them, but cost no
@@ -322,19 +322,6 @@ def fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
-
-def count_finished(study: optuna.Study) -> int:
-    """Finished trials that count toward n_trials: complete and pruned, rejected architectures excepted."""
-    return sum(not is_rejected(t) for t in study.get_trials(deepcopy=False, states=FINISHED))
-
-
-def is_rejected(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state == TrialState.PRUNED and "rejected" in trial.user_attrs
-
-
-def count_rejected(study: optuna.Study) -> int:
-    return sum(is_rejected(t) for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
 
 
 class StudyGone(BaseException):

@@ -29,6 +29,7 @@ from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
+from hpsearch._attrs import SPEC_ATTR
 from hpsearch._errors import HpsearchError, SpecError, first_line
 
 ARTIFACTS_ATTR = "hpsearch:artifacts"  # the store's location, when one was given
@@ -134,7 +135,7 @@ def study_id(study: optuna.Study) -> str:
         attrs = study.user_attrs
         if STUDY_ID_ATTR in attrs:
             return str(attrs[STUDY_ID_ATTR])
-        if "hpsearch:spec" in attrs or time.monotonic() > deadline:
+        if SPEC_ATTR in attrs or time.monotonic() > deadline:
             return new_study_id(study)
         time.sleep(0.1)
 

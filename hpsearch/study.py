@@ -15,6 +15,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
+from hpsearch._attrs import SPEC_ATTR
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._secrets import redact_url
 from hpsearch.trials import count_finished, is_rejected
@@ -22,7 +23,6 @@ from hpsearch.trials import count_finished, is_rejected
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that only read need neither
     from hpsearch.spec import StudySpec
 
-SPEC_ATTR = "hpsearch:spec"  # the study file's content, as JSON
 TARGET_ATTR = "hpsearch:target_met"  # when and by which trial the study file's target was reached
 WARM_START_ATTR = "hpsearch:warm_start"  # what the warm start enqueued and skipped, when the study was created
 DB_RETRY_SECONDS = 5  # after a lost database connection, wait this long before going on

@@ -27,6 +27,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
+
+from hpsearch.trials import COST_CAP_ATTR, counts_toward_n_trials  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,13 +51,12 @@ def run(study_file: Path, budget: float, data_dir: Path, work: Path, label: str,
             p.wait()
     name = tomllib.loads(study_file.read_text())["name"]
     trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
-    timed = [t for t in trials if "over_cost" in t.user_attrs or "over max_seconds" in t.user_attrs.get("rejected", "")]
+    timed = [t for t in trials if t.user_attrs.get(COST_CAP_ATTR) == "max_seconds_per_epoch"]  # refused or stopped
     enqueued = [t for t in trials if "fixed_params" in t.system_attrs]
     first = enqueued[0] if enqueued else None
     return {
         "run": label, "seconds": seconds,
-        "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs
-                        for t in trials),
+        "finished": sum(counts_toward_n_trials(t) for t in trials),
         "complete": sum(t.state == TrialState.COMPLETE for t in trials),
         "for_time": len(timed),
         "enqueued_refused": len({t.number for t in timed} & {t.number for t in enqueued}),

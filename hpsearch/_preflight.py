@@ -7,22 +7,16 @@ import os
 import tempfile
 from pathlib import Path
 
-import sqlalchemy
-from sqlalchemy.engine import make_url
-
 from hpsearch._errors import SpecError
+from hpsearch._urls import parse_database_url, sqlite_database
 
 
 def sqlite_file(url: str) -> Path | None:
     """The file of an SQLite URL; None for other databases, in-memory SQLite and URLs that do not parse
     (``open_storage`` reports those)."""
-    try:
-        parsed = make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
-        return None
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return None
-    return Path(parsed.database)
+    parsed = parse_database_url(url)
+    database = None if parsed is None else sqlite_database(parsed)
+    return None if database is None else Path(database)
 
 
 def check_writable_dir(path: Path, *, option: str) -> None:

@@ -1,11 +1,10 @@
 """Passwords in storage URLs never reach output.
 
-A password is whatever a URL parser or a human could read as one: in ``scheme://user:PASSWORD@host/db`` everything
-from the first ``:`` after the user name to the LAST ``@`` (people type ``@``, ``:`` and ``/`` into passwords
-without escaping them; SQLAlchemy alone would stop at the first ``@`` and take the rest for the host), its
-``%``-decoded form, and a ``password=`` query parameter. ``storage_url`` remembers the URL of the command, and
-``scrub`` masks what it remembered in any text (error lines, warnings, log records: the CLI installs a log record
-factory that scrubs every record).
+A password is the ``user:PASSWORD@`` part as ``hpsearch._urls.split_password`` reads it (to the LAST ``@``), its
+``%``-decoded form, and a ``password=`` query parameter. ``redact_url`` is the one function that masks a URL;
+``storage_url`` remembers the URL of the command, and ``scrub`` masks free text (error lines, warnings, log records:
+the CLI installs a log record factory that scrubs every record) by ``redact_url`` on each URL in it, then by
+replacing each remembered password wherever it appears.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import logging
 import re
 from urllib.parse import unquote
 
+from hpsearch._urls import split_password
+
 MASK = "***"
 # Text replacement of a password inside free text (a driver's message) needs a password long enough not to match
 # ordinary words; the URL itself is masked by its structure whatever the password's length.
@@ -21,32 +22,6 @@ MIN_SCRUB_LENGTH = 4
 _QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)([^&#]*)", re.IGNORECASE)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 _remembered: set[str] = set()
-
-
-def split_password(url: str) -> tuple[str, str, str] | None:
-    """``(before, password, after)`` with ``url == before + password + after``, or None when the URL has no
-    ``user:password@`` part. The user name holds no ``:``, ``@`` or ``/``; the password runs to the last ``@``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return None
-    at = rest.rfind("@")
-    if at < 0:
-        return None
-    user, colon, password = rest[:at].partition(":")
-    if not colon or "/" in user or "@" in user:
-        return None
-    start = len(scheme) + len(sep) + len(user) + 1
-    return url[:start], password, url[start + len(password):]
-
-
-def escape_password(url: str) -> str:
-    """``url`` with each ``@`` of its password written ``%40``, so that SQLAlchemy reads the password the user typed
-    (``u:p@ss@host`` -> password ``p@ss``, host ``host``) instead of a host holding part of it."""
-    parts = split_password(url)
-    if parts is None or "@" not in parts[1]:
-        return url
-    before, password, after = parts
-    return before + password.replace("@", "%40") + after
 
 
 def redact_url(url: str) -> str:

@@ -129,7 +129,7 @@ def new_study_id(study: optuna.Study) -> str:
 
 def study_id(study: optuna.Study) -> str:
     """The study's UUID. A worker that loaded a study a moment after another process created it waits for the
-    creator to store it; a study made by an older hpsearch (no id and a stored spec) gets one now."""
+    creator to store it; a study whose spec is stored but that has no id (its creator stored none) gets one now."""
     deadline = time.monotonic() + STUDY_ID_WAIT_SECONDS
     while True:
         attrs = study.user_attrs

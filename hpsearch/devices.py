@@ -239,6 +239,15 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+# ``amp`` of train.fit/evaluate when the caller does not decide: the device's default (CUDA's AMP; fp32 elsewhere).
+DEVICE_DEFAULT = "device"
+
+
+def resolve_amp(amp: torch.dtype | None | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32) an ``amp`` argument means: ``DEVICE_DEFAULT`` is ``autocast_dtype``'s."""
+    return autocast_dtype(device) if isinstance(amp, str) else amp
+
+
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

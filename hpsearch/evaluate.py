@@ -1,6 +1,7 @@
 """Final evaluation: the best K complete trials retrained on train+val with S seeds, then measured on the TEST split.
 
-The only module that reads the test split (``data.load_final``). Per trial and seed:
+The only module that reads the test split (``data.load_final``); the evaluate, reproduce and export-model commands
+reach it through ``evaluate_study``. Per trial and seed:
 config   = strategy.suggest(FixedTrial(trial.params), spec.space, ...)   # the trial's own configuration
 data     = train+val of the search's split, normalisation statistics recomputed on it
 model    = strategy.build(config, info)                                    # seed: derived from the study seed
@@ -20,42 +21,42 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import io
-import json
 import math
-import pickle
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import optuna
 import torch
-import torch.nn as nn
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch import trials as trial_facts
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._preflight import check_writable_dir
-from hpsearch.data import DataInfo, Final, load_final
+from hpsearch.accuracy import evaluate as accuracy_on
+from hpsearch.data import Final, load_final
 from hpsearch.devices import choose_precision, precision_candidates, precision_name
 from hpsearch.results import attr_key, stored
-from hpsearch.space import Fixed, Space
-from hpsearch.spec import StudySpec, spec_from_dict
+from hpsearch.saved_model import MODEL_FORMAT, Classifier, built_info, load_model, replay, save_model, write_saved
+from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES
-from hpsearch.train import PROBE_BATCH, BatchPrep, Diverged, FitResult, fit, probe_steps, tta_logits
-from hpsearch.train import evaluate as accuracy_on
+from hpsearch.train import PROBE_BATCH, BatchPrep, Diverged, FitResult, fit, probe_steps
+
+__all__ = [  # the saved model's names stay importable from here (their home is hpsearch.saved_model)
+    "EPOCH_MODES", "MODEL_FORMAT", "STARTED_ATTR", "Classifier", "Row", "built_info", "check_options", "chosen",
+    "epochs_for", "eval_seed", "evaluate_study", "load_model", "ranked", "replay", "save_model",
+]
 
 EPOCH_MODES = ("best", "max")
-MODEL_FORMAT = 1
 STARTED_ATTR = "hpsearch:evaluate_started"  # study user attr: when the last evaluate began (UTC)
 
 # progress(trial_number, seed_index, seeds, test_accuracy) after every retrained seed
 Progress = Callable[[int, int, int, float], None]
 # epoch_progress(trial_number, seed_index, seeds, epoch, epochs, seconds since the retraining began) after each epoch
 EpochProgress = Callable[[int, int, int, int, int, float], None]
-
 
 
 def eval_seed(study_seed: int, trial_number: int, index: int) -> int:
@@ -79,9 +80,11 @@ class Row:
     saved: list[str]  # the models' .pt files (--save)
 
 
+
 def ranked(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))[:top]
+    """The best ``top`` complete trials, best first."""
+    return trial_facts.ranked(study)[:top]
+
 
 
 def chosen(study: optuna.Study, numbers: list[int]) -> list[FrozenTrial]:
@@ -163,42 +166,67 @@ def evaluate_study(
     _check_can_store(study)
     final = load_final(spec.dataset, data_dir=data_dir, cache_dir=cache_dir, device=device,
                        val_fraction=spec.val_fraction, train_fraction=fraction, seed=spec.seed)
+    job = _Job(study, spec, final, mode=epochs, fraction=fraction, seeds=seeds, device=device, save_dir=save_dir,
+               precision=precision, progress=progress, epoch_progress=epoch_progress)
     results = stored(study)
-    rows = []
-    for trial in picked:
-        n_epochs = epochs_for(trial, spec, epochs)
-        schedule_epochs = n_epochs if _stretched(epochs) else spec.epochs
-        setting: dict[str, Any] = {"epochs": n_epochs, "schedule_epochs": schedule_epochs, "train_fraction": fraction}
-        record = results.get(trial.number)
-        if record is None or _setting(record, spec) != setting:  # another budget measures something else
-            record = {**setting, "mode": epochs, "runs": []}
-        runs = record["runs"]
-        for index in range(seeds):
-            stem = None if save_dir is None else save_dir / f"{study.study_name}-trial{trial.number}-seed{index}"
-            if index < len(runs) and (stem is None or _saved_at(runs[index], stem)):
-                continue  # stored (and saved where --save asks for it): a killed or repeated evaluate skips it
-            # A seed stored without its model (evaluate first run without --save) is retrained with the same seed.
-            on_epoch = None if epoch_progress is None else functools.partial(epoch_progress, trial.number, index, seeds)
-            run, save = _retrain(trial, spec, final, n_epochs, index, device, schedule_epochs=schedule_epochs,
-                                 precision=precision, on_epoch=on_epoch)
-            runs[index:index + 1] = [run]
-            _store(study, trial.number, record)  # stored per seed, before saving: a killed run resumes here
-            if stem is not None:
-                run["saved"] = str(save(stem))
-                _store(study, trial.number, record)
-            if progress is not None:
-                progress(trial.number, index, seeds, run["test_accuracy"])
-        runs = runs[:seeds]
-        accs = [r["test_accuracy"] for r in runs]
-        rows.append(Row(
-            number=trial.number, val_accuracy=float(trial.value or 0.0), epochs=n_epochs, accuracies=accs,
-            mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            param_count=trial.user_attrs.get("param_count"),
-            seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs),
-            diverged=sum(bool(r.get("diverged")) for r in runs),
-            saved=[r["saved"] for r in runs if save_dir is not None],
-        ))
-    return rows
+    return [_evaluate_trial(job, trial, results.get(trial.number)) for trial in picked]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One evaluate's settings, the same for every trial it retrains."""
+
+    study: optuna.Study
+    spec: StudySpec
+    final: Final
+    mode: str  # --epochs: best, max or a number
+    fraction: float
+    seeds: int
+    device: torch.device
+    save_dir: Path | None
+    precision: str
+    progress: Progress | None
+    epoch_progress: EpochProgress | None
+
+
+def _evaluate_trial(job: _Job, trial: FrozenTrial, record: dict[str, Any] | None) -> Row:
+    """Retrains the seeds of ``trial`` not stored yet under this budget, each stored as it ends; the trial's row."""
+    n_epochs = epochs_for(trial, job.spec, job.mode)
+    schedule_epochs = n_epochs if _stretched(job.mode) else job.spec.epochs
+    setting: dict[str, Any] = {"epochs": n_epochs, "schedule_epochs": schedule_epochs, "train_fraction": job.fraction}
+    if record is None or _setting(record, job.spec) != setting:  # another budget measures something else
+        record = {**setting, "mode": job.mode, "runs": []}
+    runs = record["runs"]
+    for index in range(job.seeds):
+        name = f"{job.study.study_name}-trial{trial.number}-seed{index}"
+        stem = None if job.save_dir is None else job.save_dir / name
+        if index < len(runs) and (stem is None or _saved_at(runs[index], stem)):
+            continue  # stored (and saved where --save asks for it): a killed or repeated evaluate skips it
+        # A seed stored without its model (evaluate first run without --save) is retrained with the same seed.
+        on_epoch = (None if job.epoch_progress is None
+                    else functools.partial(job.epoch_progress, trial.number, index, job.seeds))
+        run, save = _retrain(trial, job.spec, job.final, n_epochs, index, job.device, schedule_epochs=schedule_epochs,
+                             precision=job.precision, on_epoch=on_epoch)
+        runs[index:index + 1] = [run]
+        _store(job.study, trial.number, record)  # stored per seed, before saving: a killed run resumes here
+        if stem is not None:
+            run["saved"] = str(save(stem))
+            _store(job.study, trial.number, record)
+        if job.progress is not None:
+            job.progress(trial.number, index, job.seeds, run["test_accuracy"])
+    return _row(trial, n_epochs, runs[:job.seeds], saved=job.save_dir is not None)
+
+
+def _row(trial: FrozenTrial, n_epochs: int, runs: list[dict[str, Any]], *, saved: bool) -> Row:
+    accs = [r["test_accuracy"] for r in runs]
+    return Row(
+        number=trial.number, val_accuracy=float(trial.value or 0.0), epochs=n_epochs, accuracies=accs,
+        mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        param_count=trial.user_attrs.get("param_count"),
+        seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs),
+        diverged=sum(bool(r.get("diverged")) for r in runs),
+        saved=[r["saved"] for r in runs if saved],
+    )
 
 
 def _check_can_store(study: optuna.Study) -> None:
@@ -229,23 +257,16 @@ def _saved_at(run: dict[str, Any], stem: Path) -> bool:
     if not run.get("saved") or not (earlier.is_file() and earlier.with_suffix(".json").is_file()):
         return False
     for suffix in (".pt", ".json"):
-        _write_atomically(stem.with_suffix(suffix), earlier.with_suffix(suffix).read_bytes())
+        write_saved(stem.with_suffix(suffix), earlier.with_suffix(suffix).read_bytes())
     run["saved"] = str(weights)
     return True
 
 
 def _setting(record: dict[str, Any], spec: StudySpec) -> dict[str, Any]:
-    """What a stored result was trained with (records older than --epochs N / --train-fraction had the study's)."""
+    """The budget a stored result was trained with; a record without ``schedule_epochs`` or ``train_fraction`` was
+    trained with the study's."""
     return {"epochs": record.get("epochs"), "schedule_epochs": record.get("schedule_epochs", spec.epochs),
             "train_fraction": record.get("train_fraction", spec.train_fraction)}
-
-
-def replay(params: dict[str, Any], space: Space) -> optuna.Trial:
-    """A trial that answers the strategy's suggest calls with stored ``params``: the strategy's own suggest
-    rebuilds the config. Fixed values of the space fill parameters a trial stored before they existed (a
-    study older than ``milestones`` or ``pool_after``)."""
-    fixed = {k: d.value for k, d in space.dims.items() if isinstance(d, Fixed) and space.params[k].per is None}
-    return cast(optuna.Trial, optuna.trial.FixedTrial({**fixed, **params}))
 
 
 class _Enough(Exception):
@@ -301,118 +322,3 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
         run["diverged"] = diverged
     return run, functools.partial(save_model, model, built_info(built, info), trial, spec, config, seed)
 
-
-def built_info(built: Any, info: DataInfo) -> dict[str, Any]:
-    """The input pipeline a saved model needs: normalisation statistics and the resize, as fit fed it."""
-    return {"mean": list(built.mean or info.mean), "std": list(built.std or info.std),
-            "input_size": built.input_size, "info": asdict(info)}
-
-
-def save_model(model: nn.Module, pipeline: dict[str, Any], trial: FrozenTrial, spec: StudySpec, config: Any,
-               seed: int, stem: Path) -> Path:
-    """``<stem>.pt`` (state_dict) and ``<stem>.json`` (what ``load_model`` needs to rebuild the architecture), each
-    whole or not at all; a failure (disk full) is one HpsearchError naming the file."""
-    meta = {"format": MODEL_FORMAT, "study": spec.to_dict(), "trial": trial.number, "params": trial.params,
-            "seed": seed, "config": asdict(config), **pipeline}
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    weights = stem.with_suffix(".pt")
-    _write_atomically(weights, buffer.getvalue())
-    _write_atomically(stem.with_suffix(".json"), json.dumps(meta, indent=2).encode())
-    return weights
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as e:
-        raise HpsearchError(f"--save: cannot write {str(path)!r} ({e.strerror or e}); the test accuracy is stored, "
-                            "run the same command again to save the model") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class Classifier(nn.Module):
-    """A saved model with its input pipeline: uint8 (or 0..255 float) images [B, C, H, W] -> logits, with the
-    study's test-time augmentation (``tta``) as its test accuracy was measured."""
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def __init__(self, model: nn.Module, *, mean: list[float], std: list[float], input_size: int | None,
-                 tta: str = "none", flip: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
-        self.register_buffer("shift", -torch.tensor(mean).view(1, -1, 1, 1) / torch.tensor(std).view(1, -1, 1, 1))
-        self.input_size = input_size
-        self.tta, self.flip = tta, flip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.addcmul(self.shift, x.float(), self.scale)
-        if self.input_size is not None and self.input_size != x.shape[-1]:
-            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                                          align_corners=False)
-        return tta_logits(self.model, x, self.tta, flip=self.flip)
-
-
-def load_model(path: str | Path) -> Classifier:
-    """Rebuilds a model saved by ``hpsearch evaluate --save DIR`` (``path``: its .pt or .json) in eval mode.
-
-    The result takes uint8 images [B, C, H, W] of the dataset's size and returns logits; normalisation (and the
-    resize a zoo/finetune model wants) happens inside. Fine-tuned models are rebuilt with the study's weights
-    setting before the saved state_dict replaces them, so their weights file (or torch hub cache) must exist.
-    """
-    p = Path(path)
-    meta_path, weights_path = p.with_suffix(".json"), p.with_suffix(".pt")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise HpsearchError(f"load_model: cannot read {str(meta_path)!r} ({e})") from None
-    if meta.get("format") != MODEL_FORMAT:
-        raise HpsearchError(f"load_model: {str(meta_path)!r} is not a model saved by `hpsearch evaluate --save`")
-    spec = spec_from_dict(meta["study"], where=str(meta_path))
-    info = DataInfo(**{**meta["info"], "mean": tuple(meta["info"]["mean"]), "std": tuple(meta["info"]["std"]),
-                       "classes": tuple(meta["info"]["classes"])})
-    strategy = STRATEGIES[spec.strategy]
-    config = strategy.suggest(replay(meta["params"], spec.space), spec.space, spec.epochs, info)
-    model = strategy.build(config, info).model
-    state = _load_weights(weights_path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per missing key or shape
-        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        raise HpsearchError(f"load_model: {str(weights_path)!r} does not fit the model {str(meta_path)!r} "
-                            f"describes ({lines[1] if len(lines) > 1 else first_line(e)})") from None
-    return Classifier(model, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"], tta=spec.tta,
-                      flip=info.flip).eval()
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict ``save_model`` wrote, or a one-line HpsearchError naming the file (torch's own errors do not
-    name it, run to many lines, and advise ``weights_only=False``: unsafe for a file from elsewhere)."""
-    expected = f"expected the weights `hpsearch evaluate --save` writes beside {path.with_suffix('.json').name!r}"
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise HpsearchError(f"load_model: cannot read {str(path)!r} ({e.strerror or e})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file fails with many types: RuntimeError, OSError, EOFError, KeyError, ...
-        if not head:
-            what = "an empty file"
-        elif not head.startswith(b"PK"):  # torch.save writes a zip archive
-            what = "not a PyTorch file"
-        elif isinstance(e, pickle.UnpicklingError):
-            what = "a PyTorch file that holds more than tensors"
-        else:
-            what = "a truncated or damaged PyTorch file"
-        raise HpsearchError(f"load_model: cannot read {str(path)!r} ({what}; {expected})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise HpsearchError(f"load_model: cannot read {str(path)!r} (a {type(state).__name__}, not a state_dict; "
-                            f"{expected})")
-    return state

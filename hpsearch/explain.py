@@ -2,8 +2,9 @@
 (layer table, parameters, MACs, seconds per epoch, device, both images embedded), uploaded to the study's artifact
 store while the trial is still RUNNING (optuna-dashboard refuses uploads to finished trials).
 
-Costs (see benchmarks/README.md): one batch-1 forward pass with hooks before training, and two small matplotlib
-figures plus a few storage writes when the trial ends; the confusion counts come from ``train.evaluate``.
+Costs (see benchmarks/README.md): one batch-1 forward pass with hooks and torch's FLOP counter before training,
+and two small matplotlib figures plus a few storage writes when the trial ends; the confusion counts come from
+``train.evaluate``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ from hpsearch.train import Built, FitResult
 # Optuna's ArtifactStore protocol lives in a private module: any object with open_reader/write/remove will do.
 ArtifactStore = Any
 
-# MACs are counted for the layers that carry nearly all of a CNN's arithmetic; pooling, norms and activations
-# are a few percent of a conv's and are left out (as thop and fvcore do by default).
-_COUNTED = (nn.Conv2d, nn.Linear)
-
-
 @dataclass(frozen=True)
 class Layer:
     name: str
@@ -49,49 +45,66 @@ class ModelSummary:
     layers: tuple[Layer, ...]
     total_params: int
     trainable_params: int
-    macs: int  # multiply-accumulates per image, convolutions and linear layers
+    macs: int  # multiply-accumulates per image: every convolution and matrix product (FlopCounterMode's FLOPs / 2)
 
 
 def summarize(model: nn.Module, *, channels: int, size: int | tuple[int, int]) -> ModelSummary:
-    """Layer table and MACs of ``model`` from one batch-1 forward pass on the CPU with hooks on its leaf modules.
+    """Layer table and MACs of ``model`` from one batch-1 forward pass on the model's device (the CPU, before
+    training), in eval mode, under inference_mode.
 
-    Runs before training (the model is still on the CPU then), in eval mode, under inference_mode."""
-    rows: list[Layer] = []
-    hooks = []
+    The MACs are torch's FlopCounterMode count halved: every convolution and matrix product, the functional ones
+    (``F.conv2d``, ``@``, attention) included. Element-wise work (residual additions, norms, activations, pooling)
+    counts zero, as in thop and fvcore: a few percent of a conv's. The table has a row per call of a leaf module,
+    its MACs what the count grew by during that call."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(name: str) -> Any:
-        def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
-            params = list(module.parameters(recurse=False))
-            macs = 0
-            if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
-                k = module.kernel_size[0] * module.kernel_size[1]
-                macs = output.numel() * (module.in_channels // module.groups) * k
-            elif isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
-                macs = output.numel() * module.in_features
-            rows.append(Layer(name=name, kind=type(module).__name__, output_shape=shape,
-                              params=sum(p.numel() for p in params),
-                              trainable=any(p.requires_grad for p in params), macs=macs))
-        return record
-
-    for name, module in model.named_modules():
-        if not any(True for _ in module.children()):
-            hooks.append(module.register_forward_hook(hook(name or type(module).__name__)))
+    counter = FlopCounterMode(display=False)
+    table = _LayerTable(model, counter)
     was_training = model.training
     try:
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), counter:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             h, w = (size, size) if isinstance(size, int) else size
             model(torch.zeros(1, channels, h, w, device=device))
     finally:
-        for h in hooks:
-            h.remove()
+        table.remove()
         model.train(was_training)
     params = list(model.parameters())
-    return ModelSummary(layers=tuple(rows), total_params=sum(p.numel() for p in params),
+    return ModelSummary(layers=tuple(table.rows), total_params=sum(p.numel() for p in params),
                         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-                        macs=sum(r.macs for r in rows))
+                        macs=counter.get_total_flops() // 2)
+
+
+class _LayerTable:
+    """Forward hooks on ``model``'s leaf modules: a Layer per call, with the MACs ``counter`` counted inside it."""
+
+    def __init__(self, model: nn.Module, counter: Any) -> None:
+        self.counter = counter
+        self.rows: list[Layer] = []
+        self._flops_before: list[int] = []  # a stack: a leaf module may call another module's forward
+        self._hooks: list[Any] = []
+        for name, module in model.named_modules():
+            if not any(True for _ in module.children()):
+                self._hooks.append(module.register_forward_pre_hook(self._enter))
+                self._hooks.append(module.register_forward_hook(self._recorder(name or type(module).__name__)))
+
+    def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self._flops_before.append(self.counter.get_total_flops())
+
+    def _recorder(self, name: str) -> Any:
+        def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            flops = self.counter.get_total_flops() - self._flops_before.pop()
+            shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
+            params = list(module.parameters(recurse=False))
+            self.rows.append(Layer(name=name, kind=type(module).__name__, output_shape=shape,
+                                   params=sum(p.numel() for p in params),
+                                   trainable=any(p.requires_grad for p in params), macs=flops // 2))
+        return record
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
 
 def learning_curve_png(result: FitResult, path: Path) -> None:

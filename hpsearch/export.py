@@ -8,19 +8,18 @@ export   = torch.jit.trace (TorchScript) or torch.onnx.export (ONNX, dynamo expo
 verify   = the exported file, run by its own runtime (torch.jit.load / onnxruntime), against PyTorch's logits on up
            to VERIFY_IMAGES VALIDATION images (never the test split): argmax agreement >= MIN_AGREEMENT and
            max |logit diff| <= MAX_LOGIT_DIFF, else refused with nothing left behind
-card     = ``FILE.json`` beside ``FILE`` (``model.onnx`` -> ``model.onnx.json``: a .pt export and an .onnx export of
-           one stem never share a card, and evaluate's ``<stem>.json`` beside ``<stem>.pt`` is never overwritten)
+card     = ``FILE.json`` beside ``FILE`` (``model_card``), written just before the file is moved into place
+           (``model.onnx`` -> ``model.onnx.json``: a .pt export and an .onnx export of one stem never share a card,
+           and evaluate's ``<stem>.json`` beside ``<stem>.pt`` is never overwritten)
 
 The exported file needs no hpsearch to run: ``torch.jit.load`` (torch only) or ``onnxruntime`` (no torch).
 """
 
 from __future__ import annotations
 
-import datetime
+import functools
 import hashlib
 import json
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -34,18 +33,19 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-import hpsearch
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._paths import write_atomically
 from hpsearch._preflight import check_writable_dir
 from hpsearch.data import load
-from hpsearch.evaluate import Classifier, evaluate_study, load_model
-from hpsearch.explain import summarize
+from hpsearch.evaluate import evaluate_study
+from hpsearch.model_card import INPUT_NAME, OUTPUT_NAME, build_card
 from hpsearch.results import stored
+from hpsearch.saved_model import Classifier, load_model
 from hpsearch.spec import StudySpec
+from hpsearch.trials import best_first
 
 # --format -> the suffixes --out may end in (the default format is read from the suffix)
 FORMATS = {"torchscript": (".pt", ".pth", ".ts"), "onnx": (".onnx",)}
-CARD_FORMAT = 1
 VERIFY_IMAGES = 512  # validation images the export is checked on
 VERIFY_BATCH = 64  # several batches (the last one shorter): the dynamic batch axis is exercised too
 MIN_AGREEMENT = 0.999  # argmax identical on at least this share of the images
@@ -53,7 +53,6 @@ MAX_LOGIT_DIFF = 1e-3  # and no logit further than this from PyTorch's
 OPSET = 18  # the dynamo exporter's own opset (>= 17, where LayerNormalization and the Resize modes exist)
 LATENCY_BATCHES = (1, 64)
 LATENCY_SECONDS = 5.0  # per batch size: at least 3 timed runs, at most 7 (a VGG16 at 224 px with TTA is slow)
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 Say = Callable[[str], None]
 
@@ -89,15 +88,7 @@ def export_model(study: optuna.Study, spec: StudySpec, *, trial: int | None, see
                  out: Path, data_dir: Path, cache_dir: Path, device: torch.device, say: Say,
                  precision: str = "auto") -> Exported:
     """Writes ``out`` and its card (both whole or not at all) and returns the card."""
-    fmt = resolve_format(fmt, out)
-    if seed_index < 0:
-        raise SpecError(f"--seed {seed_index}: must be >= 0 (the evaluation seed's index, as in evaluate's "
-                        "<study>-trial<N>-seed<i>.pt)")
-    if out.is_dir():
-        raise SpecError(f"--out {str(out)!r} is a directory; give a file name ending in "
-                        f"{', '.join(FORMATS[fmt])}")
-    if fmt == "onnx":
-        _need_onnx()
+    fmt = _check_request(fmt, seed_index, out)
     check_writable_dir(out.parent, option="--out")
     picked = pick_trial(study, trial)
     source, retrained = _source(study, spec, picked, seed_index, data_dir=data_dir, cache_dir=cache_dir,
@@ -108,59 +99,87 @@ def export_model(study: optuna.Study, spec: StudySpec, *, trial: int | None, see
     meta = json.loads(source.with_suffix(".json").read_text(encoding="utf-8"))
     model = load_model(source)
     record = stored(study)[picked.number]
-    run = record["runs"][seed_index]
+    info = meta["info"]
+    shape = (int(info["channels"]), int(info["height"]), int(info["width"]))
+    images = _verify_images(study, spec, source, shape, data_dir=data_dir, cache_dir=cache_dir)
+    card_of = functools.partial(build_card, fmt=fmt, out=out, spec=spec, trial=picked, seed_index=seed_index,
+                                run=record["runs"][seed_index], record=record, meta=meta, model=model, source=source,
+                                retrained=retrained)
+    card = _export_verified(model, fmt, out, images, shape, card_of)
+    return Exported(path=out, card_path=card_path(out), card=card, retrained=retrained)
 
+
+def _check_request(fmt: str | None, seed_index: int, out: Path) -> str:
+    """The export's format; the options that fail before anything is opened or trained."""
+    fmt = resolve_format(fmt, out)
+    if seed_index < 0:
+        raise SpecError(f"--seed {seed_index}: must be >= 0 (the evaluation seed's index, as in evaluate's "
+                        "<study>-trial<N>-seed<i>.pt)")
+    if out.is_dir():
+        raise SpecError(f"--out {str(out)!r} is a directory; give a file name ending in "
+                        f"{', '.join(FORMATS[fmt])}")
+    if fmt == "onnx":
+        _need_onnx()
+    return fmt
+
+
+def _verify_images(study: optuna.Study, spec: StudySpec, source: Path, shape: tuple[int, int, int], *,
+                   data_dir: Path, cache_dir: Path) -> torch.Tensor:
+    """The first ``VERIFY_IMAGES`` validation images of the study's split (never the test split)."""
     val = load(spec.dataset, data_dir=data_dir, cache_dir=cache_dir, device=torch.device("cpu"),
                val_fraction=spec.val_fraction, train_fraction=spec.train_fraction, seed=spec.seed).val
     images = val.x[:VERIFY_IMAGES].contiguous()
-    info = meta["info"]
-    shape = (int(info["channels"]), int(info["height"]), int(info["width"]))
     if tuple(images.shape[1:]) != shape:  # cannot happen for one study's data; a clear line if it ever does
         raise HpsearchError(f"study {study.study_name!r}: its validation images are {list(images.shape[1:])}, the "
                             f"saved model {str(source)!r} expects {list(shape)}")
+    return images
 
+
+def _export_verified(model: Classifier, fmt: str, out: Path, images: torch.Tensor, shape: tuple[int, int, int],
+                     card_of: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Exports ``model`` to a temporary file beside ``out``, verifies and times that file as a user will run it, then
+    publishes it and its card (``card_of`` of what was measured): both, or neither and no folder made for them."""
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    tmp_card = out.with_name(f".{card_path(out).name}.tmp")
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
     written = False
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         exporter = _export(model, fmt, tmp, shape)
         runtime = _open_runtime(fmt, tmp)
-        agreement, max_diff = verify(model, runtime, images)
-        if agreement < MIN_AGREEMENT or not max_diff <= MAX_LOGIT_DIFF:
-            raise HpsearchError(
-                f"export-model: the exported {fmt} model disagrees with PyTorch's on {len(images)} validation images "
-                f"(argmax agreement {agreement:.4%}, needs >= {MIN_AGREEMENT:.1%}; max |logit diff| {max_diff:.3g}, "
-                f"needs <= {MAX_LOGIT_DIFF:g}); nothing was written")
+        verification = _verification(fmt, model, runtime, images)
         latency = {f"batch_{b}": _latency_ms(runtime, images.numpy(), b) for b in LATENCY_BATCHES}
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        card = _card(
-            fmt=fmt, out=out, spec=spec, trial=picked, seed_index=seed_index, run=run, record=record, meta=meta,
-            model=model, exporter=exporter, runtime=runtime.name, sha256=digest, size=tmp.stat().st_size,
-            verification={"split": "validation", "images": len(images), "argmax_agreement": agreement,
-                          "max_abs_logit_diff": max_diff,
-                          "rule": f"argmax agreement >= {MIN_AGREEMENT}, max |logit diff| <= {MAX_LOGIT_DIFF:g}"},
-            latency=latency, source=source, retrained=retrained)
-        tmp_card.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        card = card_of(exporter=exporter, runtime=runtime.name, sha256=hashlib.sha256(tmp.read_bytes()).hexdigest(),
+                       size=tmp.stat().st_size, verification=verification, latency=latency)
+        # The card first: a full disk fails there, before an earlier export at ``out`` is replaced.
+        write_atomically(card_path(out), json.dumps(card, indent=2) + "\n")
         try:
-            tmp_card.replace(card_path(out))
+            tmp.replace(out)  # the very file verified
         except OSError:
-            out.unlink(missing_ok=True)  # a model without its card is half an export
+            card_path(out).unlink(missing_ok=True)  # a card without its model is half an export
             raise
         written = True
+        return card
     except OSError as e:
         raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
-        tmp_card.unlink(missing_ok=True)
         for p in made if not written else []:  # deepest first: a refused export leaves no empty folders
             try:
                 p.rmdir()
             except OSError:
                 break
-    return Exported(path=out, card_path=card_path(out), card=card, retrained=retrained)
+
+
+def _verification(fmt: str, model: Classifier, runtime: Runtime, images: torch.Tensor) -> dict[str, Any]:
+    """The card's verification entry, or a refusal when the exported model disagrees with PyTorch's."""
+    agreement, max_diff = verify(model, runtime, images)
+    if agreement < MIN_AGREEMENT or not max_diff <= MAX_LOGIT_DIFF:
+        raise HpsearchError(
+            f"export-model: the exported {fmt} model disagrees with PyTorch's on {len(images)} validation images "
+            f"(argmax agreement {agreement:.4%}, needs >= {MIN_AGREEMENT:.1%}; max |logit diff| {max_diff:.3g}, "
+            f"needs <= {MAX_LOGIT_DIFF:g}); nothing was written")
+    return {"split": "validation", "images": len(images), "argmax_agreement": agreement, "max_abs_logit_diff": max_diff,
+            "rule": f"argmax agreement >= {MIN_AGREEMENT}, max |logit diff| <= {MAX_LOGIT_DIFF:g}"}
 
 
 def _need_onnx() -> None:
@@ -181,9 +200,10 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if number is None:
-        if not complete:
+        best = best_first(complete)
+        if not best:
             raise HpsearchError(f"study {study.study_name!r} has no complete trial to export")
-        return sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))[0]
+        return best[0]
     trial = next((t for t in trials if t.number == number), None)
     if trial is None or trial.state != TrialState.COMPLETE:
         what = "does not exist" if trial is None else f"is {trial.state.name}"
@@ -342,87 +362,3 @@ def _latency_ms(runtime: Runtime, images: np.ndarray, batch: int) -> float:
         runtime.run(x)
         times.append(time.perf_counter() - t)
     return round(1000 * statistics.median(times) / batch, 4)
-
-
-# ---------------------------------------------------------------- the card
-
-
-def tta_views(tta: str, flip: bool) -> int:
-    """Forward passes per image under test-time augmentation (hpsearch.train.tta_logits)."""
-    per = 2 if flip else 1
-    return {"none": 1, "flip": per, "flip-translate": 3 * per}[tta]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions(fmt: str) -> dict[str, str]:
-    versions = {"hpsearch": hpsearch.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    if fmt == "onnx":
-        import onnx
-        import onnxruntime
-
-        versions |= {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    return versions
-
-
-def _card(*, fmt: str, out: Path, spec: StudySpec, trial: FrozenTrial, seed_index: int, run: dict[str, Any],
-          record: dict[str, Any], meta: dict[str, Any], model: Classifier, exporter: str, runtime: str, sha256: str,
-          size: int, verification: dict[str, Any], latency: dict[str, float], source: Path,
-          retrained: bool) -> dict[str, Any]:
-    info = meta["info"]
-    c, h, w = int(info["channels"]), int(info["height"]), int(info["width"])
-    classes = list(info["classes"])
-    input_size = meta.get("input_size")
-    summary = summarize(model.model, channels=c, size=(input_size, input_size) if input_size else (h, w))
-    views = tta_views(spec.tta, bool(info["flip"]))
-    accs = [r["test_accuracy"] for r in record["runs"]]
-    return {
-        "card_format": CARD_FORMAT,
-        "format": fmt,
-        "file": out.name,
-        "sha256": sha256,
-        "bytes": size,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["B", c, h, w], "layout": "NCHW",
-                  "channels": "L" if c == 1 else "RGB" if c == 3 else f"{c} channels",
-                  "range": "0..255 (normalisation, resize and test-time augmentation are inside the model)"},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["B", len(classes)],
-                   "meaning": "class logits in the order of `classes` (softmax gives probabilities)"},
-        "classes": classes,
-        "dataset": spec.dataset,
-        "study": spec.name,
-        "trial": trial.number,
-        "seed_index": seed_index,
-        "seed": run["seed"],
-        "params": trial.params,
-        "config": meta.get("config"),
-        "preprocessing": {"mean": meta["mean"], "std": meta["std"], "resize_to": input_size, "tta": spec.tta},
-        "validation_accuracy": trial.value,
-        "test_accuracy": run["test_accuracy"],
-        "test_accuracy_mean": statistics.fmean(accs),
-        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "test_seeds": len(accs),
-        "evaluate": {"epochs": record.get("epochs"), "mode": record.get("mode"),
-                     "train_fraction": record.get("train_fraction", spec.train_fraction),
-                     "precision": run.get("precision")},  # what the test accuracy was measured in
-        "param_count": summary.total_params,
-        "macs_per_image": summary.macs * views,
-        "macs_per_view": summary.macs,
-        "tta_views": views,
-        "verification": verification,
-        "latency_ms_per_image": latency,
-        "latency_runtime": runtime,
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "exporter": exporter,
-        "versions": _versions(fmt),
-        "source": {"model": str(source), "retrained": retrained},
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }

@@ -6,6 +6,13 @@ pools fighting over the same cores. CPU workers never share a core: more of them
 trainings on one core slowed each other 5-20x on the 2-core development machine). Each worker is an ordinary
 ``hpsearch worker`` process (a crash of one does not end the others; the study's heartbeats retry its trial), its
 output lines prefixed with its number.
+
+What a worker gets, all on its command line (``worker_command``) except the storage URL:
+``worker STUDY --no-summary --device D --threads T`` (its slot), then, where the launching command has them,
+``--precision`` (not auto), ``--n-trials``, ``--timeout``, ``--data-dir``, ``--cache-dir``, ``--artifacts``,
+``--keep-checkpoints`` (not 0), ``--compile`` and ``--no-artifacts``. The storage URL, a password often, goes in
+its environment as HPSEARCH_STORAGE (``worker_env``), where other local users cannot read it with ``ps``; the
+environment variables of the options above are taken out of it, so that the command line alone decides them.
 """
 
 from __future__ import annotations
@@ -71,50 +78,56 @@ def local_plan(workers: int, device: torch.device) -> list[Slot]:
     return plan(workers, device, gpus=gpus, cpus=cpus)
 
 
+# The environment variables of worker options that worker_command puts on the command line when the launching
+# command has them (its own values came from them where no flag was given). HPSEARCH_DATA and HPSEARCH_CACHE stay:
+# a launching command that read one passes its value as --data-dir / --cache-dir, and the data's messages name them.
+OPTION_ENV = ("HPSEARCH_PRECISION", "HPSEARCH_KEEP_CHECKPOINTS", "HPSEARCH_ARTIFACTS")
+
+
 def worker_command(study: str, slot: Slot, *, n_trials: int | None, timeout: float | None,
-                   data_dir: Path | None, cache_dir: Path | None, compile: bool,
-                   no_artifacts: bool = False, precision: str = "auto") -> list[str]:
-    """The ``hpsearch worker`` command line of one slot. The storage URL is not on it: see ``worker_env``."""
+                   data_dir: Path | None, cache_dir: Path | None, compile: bool, explain: bool = True,
+                   precision: str = "auto", keep_checkpoints: int = 0, artifacts: str | None = None) -> list[str]:
+    """The ``hpsearch worker`` command line of one slot (the module's docstring lists what it carries). The
+    storage URL is not on it: see ``worker_env``."""
     # --no-summary: the launching command prints the one summary table once every worker has ended.
     cmd = [sys.executable, "-m", "hpsearch", "worker", study, "--no-summary",
            "--device", slot.device, "--threads", str(slot.threads)]
-    if precision != "auto":
-        cmd += ["--precision", precision]
-    if n_trials is not None:
-        cmd += ["--n-trials", str(n_trials)]
-    if timeout is not None:
-        cmd += ["--timeout", str(timeout)]
-    if data_dir is not None:
-        cmd += ["--data-dir", str(data_dir)]
-    if cache_dir is not None:
-        cmd += ["--cache-dir", str(cache_dir)]
+    valued = [("--precision", None if precision == "auto" else precision), ("--n-trials", n_trials),
+              ("--timeout", timeout), ("--data-dir", data_dir), ("--cache-dir", cache_dir),
+              ("--artifacts", artifacts), ("--keep-checkpoints", keep_checkpoints or None)]
+    for flag, value in valued:
+        if value is not None:
+            cmd += [flag, str(value)]
     if compile:
         cmd.append("--compile")
-    if no_artifacts:
+    if not explain:
         cmd.append("--no-artifacts")
     return cmd
 
 
 def worker_env(storage: str) -> dict[str, str]:
     """The workers' environment: the storage URL (a password, often) goes here, where only this user can read
-    it, and not on the command line, which every local user sees with ``ps``."""
-    return {**os.environ, "HPSEARCH_STORAGE": storage}
+    it, and not on the command line, which every local user sees with ``ps``. The variables of OPTION_ENV are
+    left out: the command line carries those options."""
+    return {**{k: v for k, v in os.environ.items() if k not in OPTION_ENV}, "HPSEARCH_STORAGE": storage}
 
 
-def launch(study: str, workers: int, device: torch.device, *, storage: str, n_trials: int | None,
-           timeout: float | None, data_dir: Path | None, cache_dir: Path | None, compile: bool,
-           out: IO[str] | None = None, no_artifacts: bool = False, precision: str = "auto") -> int:
+def launch_workers(study: str, workers: int, device: torch.device, *, storage: str, n_trials: int | None,
+                   timeout: float | None, data_dir: Path | None, cache_dir: Path | None, compile: bool,
+                   out: IO[str] | None = None, explain: bool = True, precision: str = "auto",
+                   keep_checkpoints: int = 0, artifacts: str | None = None) -> int:
     """Runs ``workers`` ``hpsearch worker`` processes on ``study`` (which must exist) until they end; returns
     the exit code for the command that launched them."""
     slots = local_plan(workers, device)
     commands = [worker_command(study, slot, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
-                               cache_dir=cache_dir, compile=compile, no_artifacts=no_artifacts, precision=precision)
+                               cache_dir=cache_dir, compile=compile, explain=explain, precision=precision,
+                               keep_checkpoints=keep_checkpoints, artifacts=artifacts)
                 for slot in slots]
-    return run_workers(commands, slots, out=out, env=worker_env(storage))
+    return start_and_wait(commands, slots, out=out, env=worker_env(storage))
 
 
-def run_workers(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO[str] | None = None,
-                env: dict[str, str] | None = None) -> int:
+def start_and_wait(commands: Sequence[list[str]], slots: Sequence[Slot], *, out: IO[str] | None = None,
+                   env: dict[str, str] | None = None) -> int:
     """Starts one process per command (pinned to its slot's cores), relays their output line by line as
     ``[w<i> <device>] line``, and waits for all. Returns 0, 130 if any was interrupted, else the first
     failing worker's exit code; 143 after SIGTERM, which is forwarded to every worker."""

@@ -1,6 +1,8 @@
 """The objective: suggest -> build -> fit (report + prune per epoch, or per rung) -> validation accuracy.
 
-The test set is never touched here. Everything a trial decided or measured is stored on it as user attrs.
+The test set is never touched here. Everything a trial decided or measured is stored on it as user attrs. What the
+objective measures (MACs, timed steps, each epoch's value and seconds), ``hpsearch.stopping`` judges: rejection, the
+cost caps, the dead-trial rule, divergence and the pruner's decision, each stored as its own reason.
 
 A study with ``rungs`` trains each configuration in stages: every rung is a complete, cheaper training (its own
 epochs with the LR schedule run to its end, on part of the training images) whose best validation accuracy is
@@ -13,24 +15,26 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, NoReturn
+from functools import partial
+from typing import Any
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-from hpsearch import artifacts, signals
+from hpsearch import artifacts, signals, stopping
 from hpsearch._errors import HpsearchError
+from hpsearch._optuna import quiet_experimental
 from hpsearch.data import Data, Split
 from hpsearch.devices import DTYPES, choose_precision, precision_candidates, precision_name
 from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
-from hpsearch.strategies import STRATEGIES, Rejected
-from hpsearch.study import DeadTrialRule, check_study, rung_step, study_identity
+from hpsearch.stopping import DeadTrialRule, EpochRules, Rejected, rung_step
+from hpsearch.strategies import STRATEGIES
+from hpsearch.study import check_study, study_identity
 from hpsearch.train import PROBE_BATCH, Built, Diverged, FitResult, fit, probe_steps
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
@@ -49,20 +53,13 @@ def _running(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
 def retried_from(trial: optuna.Trial) -> int | None:
     """The number of the dead trial this one retries (the first of its retry chain), or None for a fresh trial.
     Only Optuna's stale-trial retry (and hpsearch's SIGTERM, which builds the retry the same way) sets it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():
         return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_running(trial))
 
 
 def chance_accuracy(split: Split) -> float:
     """The validation accuracy of always guessing the split's most common class."""
     return torch.bincount(split.y).max().item() / len(split)
-
-
-def _reject(trial: optuna.Trial, why: str) -> NoReturn:
-    """A configuration refused before training: pruned for TPE, not counted toward n_trials (``study.is_rejected``)."""
-    trial.set_user_attr("rejected", why)
-    raise optuna.TrialPruned(f"rejected before training: {why}")
 
 
 @dataclass(frozen=True)
@@ -107,19 +104,46 @@ def make_objective(
     explain: bool = False,
     precision: str = "auto",
 ) -> Callable[[optuna.Trial], float]:
-    """``dead``: the study's dead-trial rule (its pruner applies it per epoch; not with rungs; the objective stores
+    """``dead``: the study's dead-trial rule (its pruner applies it per epoch; not with rungs; ``stopping`` stores
     the reason). With ``explain`` (and a ``store``), each trial that ran an epoch gets its PNGs and
     note (hpsearch.explain). ``precision``: --precision (auto: measured per trial, see ``devices``)."""
-    strategy = STRATEGIES[spec.strategy]
-    plan = stages(spec, data)
-    cap = spec.max_seconds_per_epoch
-    # Seconds per probe step in each precision, per architecture: trials that differ only in their training
-    # hyperparameters (or a retry) do not probe again.
-    probed: dict[tuple[str, int], dict[torch.dtype | None, float]] = {}
+    return Objective(spec, data, device=device, store=store, progress=progress, compile=compile, dead=dead,
+                     explain=explain, precision=precision)
 
-    def objective(trial: optuna.Trial) -> float:
+
+@dataclass
+class TrialRun:
+    """One trial's state across its stages: what each stage's training and its epoch hook need."""
+
+    trial: optuna.Trial
+    identity: str | None  # the study's hpsearch id, checked before each epoch is stored (study.check_study)
+    config: Any  # the strategy's frozen config
+    retried: int | None  # the dead trial this one retries (retried_from)
+    seed: int
+    amp: torch.dtype | None = None  # the precision it trains in
+    explainer: TrialExplainer | None = None
+    checkpoint: str | None = None  # its checkpoint's id in the artifact store
+    resume: dict[str, Any] | None = None  # the checkpoint a retry resumes from
+
+
+class Objective:
+    """The trial function: the study's settings, and what its trials share (the timed-step probes)."""
+
+    def __init__(self, spec: StudySpec, data: Data, *, device: torch.device, store: artifacts.ArtifactStore | None,
+                 progress: Progress | None, compile: bool, dead: DeadTrialRule | None, explain: bool,
+                 precision: str) -> None:
+        self.spec, self.data, self.device, self.store, self.progress = spec, data, device, store, progress
+        self.compile, self.explain, self.precision = compile, explain, precision
+        self.strategy = STRATEGIES[spec.strategy]
+        self.plan = stages(spec, data)
+        self.rules = EpochRules(max_seconds_per_epoch=spec.max_seconds_per_epoch, dead=dead)
+        # Seconds per probe step in each precision, per architecture: trials that differ only in their training
+        # hyperparameters (or a retry) do not probe again.
+        self.probed: dict[tuple[str, int], dict[torch.dtype | None, float]] = {}
+
+    def __call__(self, trial: optuna.Trial) -> float:
         try:
-            return run_trial(trial)
+            return self.run_trial(trial)
         except Terminated as e:
             signals.delivered(e)  # Optuna now stores FAIL: not to be interrupted by a resent SIGTERM
             e.trial_number = trial.number
@@ -138,165 +162,159 @@ def make_objective(
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")  # Optuna itself keeps no failure reason
             raise
 
-    def run_trial(trial: optuna.Trial) -> float:
+    def run_trial(self, trial: optuna.Trial) -> float:
+        """suggest -> build -> train with report/prune -> return: the optuna-examples objective, in stages."""
+        run = self.suggest(trial)  # a configuration that cannot train is rejected here
+        built = self.build(run)
+        self.describe(trial, built)
+        self.admit(run, built)  # the cost caps refuse a model here, before any training; the precision it trains in
+        self.open_checkpoint(run)
+        # A retry goes on in the stage its checkpoint was written in (older checkpoints: the study's own training);
+        # the stages before it finished and reported their values, which the retry inherits.
+        first = 0 if run.resume is None else run.resume.get("rung", len(self.plan) - 1)
+        value = 0.0
+        try:
+            for k, stage in enumerate(self.plan[first:], start=first):
+                again = k != first  # a later stage trains a new model from the same initial weights
+                value = self.train_stage(run, k, stage, self.build(run) if again else built,
+                                         None if again else run.resume)
+        except optuna.TrialPruned:
+            if run.explainer is not None:  # still RUNNING here: the dashboard takes uploads only until the trial ends
+                run.explainer.finish(trial, complete=False)
+            raise
+        if run.explainer is not None:
+            run.explainer.finish(trial, complete=True)
+        return value
+
+    # ---- suggest, build, admit
+
+    def suggest(self, trial: optuna.Trial) -> TrialRun:
         # The study this trial belongs to (run_trials checked it just before the trial was asked for): each epoch
         # checks it is still there before storing anything (study.StudyGone: deleted by someone else meanwhile).
         identity = study_identity(trial.study)
         try:
-            config = strategy.suggest(trial, spec.space, spec.epochs, data.info)
+            config = self.strategy.suggest(trial, self.spec.space, self.spec.epochs, self.data.info)
         except Rejected as e:
-            _reject(trial, str(e))  # pruned, not failed: TPE learns to avoid the region; not counted toward n_trials
+            stopping.reject(trial, str(e))  # pruned, not failed: TPE learns to avoid the region
         trial.set_user_attr("config", asdict(config))
         # A retry is the same run as the dead trial it replaces (the first of its chain): same seed, so an epoch it
         # trains again (killed after that epoch's report, before its checkpoint) gives the value already reported.
         retried = retried_from(trial)
-        seed = trial_seed(spec.seed, trial.number if retried is None else retried)
+        seed = trial_seed(self.spec.seed, trial.number if retried is None else retried)
+        return TrialRun(trial, identity, config, retried, seed)
 
-        def build() -> Built:
-            torch.manual_seed(seed)  # weight initialisation: every stage of a trial starts from the same weights
-            return strategy.build(config, data.info)
+    def build(self, run: TrialRun) -> Built:
+        torch.manual_seed(run.seed)  # weight initialisation: every stage of a trial starts from the same weights
+        return self.strategy.build(run.config, self.data.info)
 
-        built = build()
+    def describe(self, trial: optuna.Trial, built: Built) -> None:
         trial.set_user_attr("param_count", sum(p.numel() for p in built.model.parameters()))
         trial.set_user_attr("trainable_param_count",
                             sum(p.numel() for p in built.model.parameters() if p.requires_grad))
-        trial.set_user_attr("device", str(device))
+        trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # a retry says where it ran, too
-        if spec.max_flops is not None:
-            # Cost cap, before any training: multiply-accumulates of one image through the model. Stored like a
-            # rejected architecture: pruned for TPE, not counted toward n_trials.
-            size = built.input_size or (data.info.height, data.info.width)
-            macs = summarize(built.model, channels=data.info.channels, size=size).macs
-            trial.set_user_attr("macs", macs)
-            if macs > spec.max_flops:
-                _reject(trial, f"{macs:,} MACs per image, over max_flops = {spec.max_flops:,}")
-        stored = trial.user_attrs.get("precision")  # a retry trains in its dead trial's precision
-        amp = decide_precision(trial, built, config.train, stored)
-        explainer = TrialExplainer(store, built, data.info, device=device) if explain and store is not None else None
 
-        # Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
-        # retry writes there too). A fresh trial never loads a file, whatever lies in the store.
-        checkpoint: str | None = None
-        resume: dict[str, Any] | None = None
-        if store is not None:
-            checkpoint = artifacts.checkpoint_id(artifacts.study_id(trial.study),
-                                                 trial.number if retried is None else retried)
-            if retried is not None:
-                # the dead trial's own record wins: it is what its worker wrote to
-                checkpoint = str(trial.user_attrs.get(artifacts.CHECKPOINT_ATTR, checkpoint))
-                resume = artifacts.load_checkpoint(store, checkpoint)
-                if resume is not None:
-                    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
-            trial.set_user_attr(artifacts.CHECKPOINT_ATTR, checkpoint)
+    def admit(self, run: TrialRun, built: Built) -> None:
+        """``max_flops``, then the precision (and ``max_seconds_per_epoch``'s estimate), before any training."""
+        info = self.data.info
+        if self.spec.max_flops is not None:
+            size = built.input_size or (info.height, info.width)
+            macs = summarize(built.model, channels=info.channels, size=size).macs
+            stopping.refuse_over_max_flops(run.trial, macs, self.spec.max_flops)
+        stored = run.trial.user_attrs.get("precision")  # a retry trains in its dead trial's precision
+        run.amp = self.decide_precision(run.trial, built, run.config.train, stored)
+        if self.explain and self.store is not None:
+            run.explainer = TrialExplainer(self.store, built, info, device=self.device)
 
-        # A retry goes on in the stage its checkpoint was written in (older checkpoints: the study's own training);
-        # the stages before it finished and reported their values, which the retry inherits.
-        first = 0 if resume is None else resume.get("rung", len(plan) - 1)
-        value = 0.0
-        for k, stage in enumerate(plan[first:], start=first):
-            result = train_stage(trial, k, stage, built if k == first else build(), config, seed, amp, explainer,
-                                 checkpoint, resume if k == first else None, identity)
-            value = result.final_accuracy if result.final_accuracy is not None else result.best_val_accuracy
-            if stage.step is not None:
-                trial.set_user_attr("rung", k)
-                trial.report(value, stage.step)
-                if trial.should_prune():
-                    if explainer is not None:
-                        explainer.finish(trial, complete=False)
-                    raise optuna.TrialPruned(f"not promoted after rung {k} with val accuracy {value:.4f}")
-        if explainer is not None:
-            explainer.finish(trial, complete=True)
-        return value
-
-    def decide_precision(trial: optuna.Trial, built: Built, train: Any, stored: str | None) -> torch.dtype | None:
+    def decide_precision(self, trial: optuna.Trial, built: Built, train: Any, stored: str | None) -> torch.dtype | None:
         """The autocast dtype this trial trains in, and the time cap's refusal: one probe of timed steps serves both.
         A retry keeps its dead trial's precision and its admission (it was under the cap)."""
         if stored is not None:
             return DTYPES[str(stored)]
-        candidates = precision_candidates(precision, device)
+        candidates = precision_candidates(self.precision, self.device)
         amp = candidates[0]
         if len(candidates) > 1:
             key = (repr(built.model), min(PROBE_BATCH, train.batch_size))
-            if key not in probed:
-                probed[key] = probe_steps(built, data, train, device, candidates, batch=key[1], warmup=2).cost
-            amp = choose_precision(probed[key])
-            trial.set_user_attr("step_seconds", {precision_name(d): round(s, 5) for d, s in probed[key].items()})
+            if key not in self.probed:
+                self.probed[key] = probe_steps(built, self.data, train, self.device, candidates, batch=key[1],
+                                               warmup=2).cost
+            amp = choose_precision(self.probed[key])
+            trial.set_user_attr("step_seconds",
+                                {precision_name(d): round(s, 5) for d, s in self.probed[key].items()})
+        cap = self.spec.max_seconds_per_epoch
         if cap is not None and built.precomputed is None:  # (a cached trunk's epoch costs a fraction of this)
-            # Cost cap, before any training: an epoch of the study's own training from a few timed steps of its batch
-            # (an estimate that errs low), on the cost clock (devices.cost_clock: not time lost to other processes).
-            probe = probe_steps(built, data, train, device, (amp,))
-            estimate = probe.cost[amp] * probe.steps_per_epoch
-            trial.set_user_attr("estimated_seconds_per_epoch", round(estimate, 3))
-            if estimate > cap:
-                _reject(trial, f"estimated {estimate:.1f} s per epoch from timed steps, over "
-                               f"max_seconds_per_epoch = {cap:g}")
+            # An epoch of the study's own training from a few timed steps of its batch, on the cost clock.
+            probe = probe_steps(built, self.data, train, self.device, (amp,))
+            stopping.refuse_slow_epoch(trial, probe.cost[amp] * probe.steps_per_epoch, cap)
         trial.set_user_attr("precision", precision_name(amp))
         return amp
 
-    def train_stage(trial: optuna.Trial, k: int, stage: Stage, built: Built, config: Any, seed: int,
-                    amp: torch.dtype | None, explainer: TrialExplainer | None, checkpoint: str | None,
-                    resume: dict[str, Any] | None, identity: str | None) -> FitResult:
-        train = replace(config.train, epochs=stage.epochs)
-        # Seconds of the study's own epoch this stage's epochs stand for (a rung trains on fewer images).
-        scale = len(data.train) / len(stage.data.train)
-        reports_epochs = len(plan) == 1
+    def open_checkpoint(self, run: TrialRun) -> None:
+        """Resume only a retry of a dead worker's trial, from the checkpoint of the first trial of its chain (each
+        retry writes there too). A fresh trial never loads a file, whatever lies in the store."""
+        if self.store is None:
+            return
+        trial = run.trial
+        checkpoint = artifacts.checkpoint_id(artifacts.study_id(trial.study),
+                                             trial.number if run.retried is None else run.retried)
+        if run.retried is not None:
+            # the dead trial's own record wins: it is what its worker wrote to
+            checkpoint = str(trial.user_attrs.get(artifacts.CHECKPOINT_ATTR, checkpoint))
+            run.resume = artifacts.load_checkpoint(self.store, checkpoint)
+            if run.resume is not None:
+                trial.set_user_attr("resumed_after_epoch", run.resume["epoch"])
+        trial.set_user_attr(artifacts.CHECKPOINT_ATTR, checkpoint)
+        run.checkpoint = checkpoint
 
-        def on_epoch(epoch: int, result: FitResult) -> None:
-            check_study(trial.study, identity)  # first: neither this epoch nor its checkpoint is stored otherwise
-            value = result.val_accuracy[-1]
-            seconds = result.cost_seconds_per_epoch[-1] * scale
-            if explainer is not None:
-                explainer.observe(result)
-            if reports_epochs:
-                trial.report(value, epoch)
-            trial.set_user_attr("train_loss", result.train_loss)
-            trial.set_user_attr("val_accuracy", result.val_accuracy)
-            trial.set_user_attr("seconds_per_epoch", sum(result.seconds_per_epoch) / len(result.seconds_per_epoch))
-            trial.set_user_attr("cost_seconds_per_epoch", round(seconds, 4))  # the cap's clock (devices.cost_clock)
-            trial.set_user_attr("best_epoch", result.best_epoch)
-            if progress is not None:
-                progress(trial.number, epoch, stage.epochs, value)
-            if epoch + 1 == stage.epochs:
-                # Trained to the end: pruning now would save nothing and throw the finished trial away (with 10
-                # epochs, Hyperband at min_resource 1 and reduction factor 3 has its top rung at the last epoch).
-                # A rung's end is judged by its report (run_trial).
-                return
-            if cap is not None and seconds > cap:  # cost cap: its value is reported, the rest is not paid for
-                over = (f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}"
-                        if scale == 1 else f"an epoch of rung {k} stands for {seconds:.1f} s of the study's own, over "
-                                           f"max_seconds_per_epoch = {cap:g}")
-                trial.set_user_attr("over_cost", over)
-                raise optuna.TrialPruned(over)
-            # The study's pruner, which applies the dead-trial rule too. With rungs, successive halving judges each
-            # rung's end instead: a rung is short by design, and a trial still at chance in its first steps is not dead.
-            if not reports_epochs or not trial.should_prune():
-                return
-            why = None if dead is None else dead.reason(epoch, value)
-            if why is not None:
-                trial.set_user_attr("dead", why)
-            raise optuna.TrialPruned(why or f"pruned at epoch {epoch} with val accuracy {value:.4f}")
+    # ---- train, report, prune
 
-        def on_checkpoint(state: dict[str, Any]) -> None:
-            assert store is not None and checkpoint is not None  # only passed to fit with both
-            try:
-                artifacts.save_checkpoint(store, checkpoint, {**state, "rung": k})
-            except artifacts.CheckpointNotWritten as e:  # a full disk costs the trial its resumability, not its value
-                artifacts.checkpoint_not_written(trial, e)
-
+    def train_stage(self, run: TrialRun, k: int, stage: Stage, built: Built, resume: dict[str, Any] | None) -> float:
+        """Trains stage ``k`` (from ``resume``, a checkpoint of it); its value, reported at its step if it is a
+        rung, where successive halving may prune the trial."""
+        train = replace(run.config.train, epochs=stage.epochs)
         # No clean-up here: a database error inside the trial (trial.report in an outage) must leave the file for
         # the retry. The checkpoint goes once the trial's final state is stored (see checkpoints_after_trial).
         try:
-            return fit(built, stage.data, train, device=device, seed=seed, on_epoch=on_epoch, resume=resume,
-                       on_checkpoint=None if store is None else on_checkpoint, compile=compile, amp=amp,
-                       tta=spec.tta if stage.last else "none")
+            result = fit(built, stage.data, train, device=self.device, seed=run.seed,
+                         on_epoch=partial(self.after_epoch, run, k, stage), resume=resume,
+                         on_checkpoint=None if self.store is None else partial(self.save_checkpoint, run, k),
+                         compile=self.compile, amp=run.amp, tta=self.spec.tta if stage.last else "none")
         except Diverged as e:
-            trial.set_user_attr("diverged", str(e))
-            if explainer is not None:
-                explainer.finish(trial, complete=False)
-            raise optuna.TrialPruned(f"diverged: {e}") from None
-        except optuna.TrialPruned:
-            if explainer is not None:  # still RUNNING here: the dashboard takes uploads only until the trial ends
-                explainer.finish(trial, complete=False)
-            raise
+            raise stopping.diverged(run.trial, e) from None
+        value = result.final_accuracy if result.final_accuracy is not None else result.best_val_accuracy
+        if stage.step is not None:
+            run.trial.set_user_attr("rung", k)
+            run.trial.report(value, stage.step)
+            stopping.after_rung(run.trial, k, value)
+        return value
 
-    return objective
+    def after_epoch(self, run: TrialRun, k: int, stage: Stage, epoch: int, result: FitResult) -> None:
+        """fit's epoch hook: stores the epoch (reported to the pruner when the trial has one stage), then asks
+        ``stopping`` whether the trial goes on."""
+        trial = run.trial
+        check_study(trial.study, run.identity)  # first: neither this epoch nor its checkpoint is stored otherwise
+        value = result.val_accuracy[-1]
+        # Seconds of the study's own epoch this stage's epochs stand for (a rung trains on fewer images).
+        scale = len(self.data.train) / len(stage.data.train)
+        seconds = result.cost_seconds_per_epoch[-1] * scale
+        if run.explainer is not None:
+            run.explainer.observe(result)
+        reports_epochs = len(self.plan) == 1
+        if reports_epochs:
+            trial.report(value, epoch)
+        trial.set_user_attr("train_loss", result.train_loss)
+        trial.set_user_attr("val_accuracy", result.val_accuracy)
+        trial.set_user_attr("seconds_per_epoch", sum(result.seconds_per_epoch) / len(result.seconds_per_epoch))
+        trial.set_user_attr("cost_seconds_per_epoch", round(seconds, 4))  # the cap's clock (devices.cost_clock)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        if self.progress is not None:
+            self.progress(trial.number, epoch, stage.epochs, value)
+        self.rules.after_epoch(trial, epoch=epoch, epochs=stage.epochs, value=value, seconds=seconds,
+                               rung=None if scale == 1 else k, pruner_judges=reports_epochs)
+
+    def save_checkpoint(self, run: TrialRun, k: int, state: dict[str, Any]) -> None:
+        assert self.store is not None and run.checkpoint is not None  # only passed to fit with both
+        try:
+            artifacts.save_checkpoint(self.store, run.checkpoint, {**state, "rung": k})
+        except artifacts.CheckpointNotWritten as e:  # a full disk costs the trial its resumability, not its value
+            artifacts.checkpoint_not_written(run.trial, e)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,8 +22,10 @@ from optuna.storages import GrpcStorageProxy
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._optuna import quiet_experimental
+from hpsearch._urls import is_proxy_url as is_proxy_url  # re-exported: URLs are read in _urls
+from hpsearch._urls import parse_proxy_url
 
-SCHEME = "grpc://"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 13000
 # A worker started just before its proxy waits this long for it instead of failing at once.
@@ -33,23 +34,6 @@ CONNECT_SECONDS = 10
 HEARTBEAT_KEY = "hpsearch:heartbeat"
 SERVER_THREADS = 10  # Optuna's default for its proxy
 INSTALL_HINT = "the gRPC proxy needs the grpc extra: pip install 'hpsearch[grpc]' (grpcio, protobuf)"
-
-
-def is_proxy_url(url: str) -> bool:
-    return url.lower().startswith(SCHEME)
-
-
-def parse_proxy_url(url: str) -> tuple[str, int]:
-    """``grpc://host:port`` -> (host, port). Nothing else is allowed: the proxy has no user, password, path."""
-    rest = url[len(SCHEME):]
-    rule = "must be grpc://HOST:PORT with a port from 1 to 65535 (e.g. grpc://127.0.0.1:13000)"
-    if "@" in rest or "/" in rest.rstrip("/") or "?" in rest:
-        # Never echo what was given: it may hold a password meant for a database URL.
-        raise SpecError(f"--storage: a grpc:// URL holds only a host and a port; {rule}")
-    host, sep, port = rest.rstrip("/").rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise SpecError(f"--storage: {url!r} {rule}")
-    return host.strip("[]"), int(port)
 
 
 class HeartbeatProxyClient(GrpcStorageProxy, BaseHeartbeat):
@@ -89,8 +73,7 @@ def open_proxy(url: str, *, heartbeat: int, connect_seconds: float | None = None
         import grpc  # noqa: F401  (Optuna imports it lazily, on first use: fail here with the install hint)
     except ImportError:
         raise HpsearchError(f"--storage {url}: {INSTALL_HINT}") from None
-    with warnings.catch_warnings():  # the proxy is "experimental" in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():  # the proxy is "experimental" in Optuna 5
         proxy = HeartbeatProxyClient(host=host, port=port, heartbeat=heartbeat)
     try:
         proxy.wait_server_ready(timeout=connect_seconds)

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import results
 from hpsearch.study import target_status
+from hpsearch.trials import best_first, counts_toward_n_trials, is_rejected, ranked
 
 TOP = 10  # rows of the top-trials table
 TOP_CURVES = 10  # trials whose intermediate values are drawn
@@ -50,8 +51,8 @@ class StrategyRow:
     dataset: str
     best_val: float | None
     best_test: float | None
-    trials: int  # finished: complete + pruned
-    pruned_share: float
+    trials: int  # finished trials that count toward n_trials: complete + pruned after training
+    pruned_share: float  # of those, the share pruned
     compute_seconds: float
 
 
@@ -96,24 +97,24 @@ def cost_curve(study: optuna.Study) -> list[CostPoint]:
 
 
 def strategy_row(study: optuna.Study) -> StrategyRow:
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    """The study's line of the strategy table. Trials refused before training (``hpsearch.trials.is_rejected``)
+    are neither finished nor pruned here, as in the budget line: they never trained."""
+    every = study.get_trials(deepcopy=False)
+    best = best_first(every)
+    pruned = sum(t.state == TrialState.PRUNED and not is_rejected(t) for t in every)
+    finished = sum(counts_toward_n_trials(t) for t in every)
     tested = test_means(study)
-    tests = [tested[t.number] for t in complete if t.number in tested]
-    finished = len(complete) + pruned
+    tests = [tested[t.number] for t in best if t.number in tested]
     return StrategyRow(
         study=study.study_name, strategy=str(study.user_attrs.get("strategy", "-")),
-        dataset=str(study.user_attrs.get("dataset", "-")), best_val=None if best is None else best.value,
+        dataset=str(study.user_attrs.get("dataset", "-")), best_val=best[0].value if best else None,
         best_test=max(tests) if tests else None, trials=finished,
         pruned_share=pruned / finished if finished else 0.0,
-        compute_seconds=sum(training_seconds(t) for t in trials if t.state.is_finished()))
+        compute_seconds=sum(training_seconds(t) for t in every if t.state.is_finished()))
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted((t for t in complete if t.value is not None), key=lambda t: (-(t.value or 0.0), t.number))[:k]
+    return ranked(study)[:k]
 
 
 def _slug(name: str) -> str:
@@ -287,85 +288,102 @@ def write_report(studies: list[optuna.Study], out: Path) -> Report:
 
 
 def _build(studies: list[optuna.Study], out: Path) -> Report:
-    report = Report(out=out)
-    sections: list[str] = []
-    md: list[str] = ["# hpsearch report", ""]
-    first_plot = [True]  # plotly.js (3.5 MB) is inlined once, with the first figure
+    page = _Page(Report(out=out))
+    page.report.rows = [strategy_row(s) for s in studies]
+    by_dataset: dict[str, list[optuna.Study]] = {}
+    for s in studies:
+        by_dataset.setdefault(str(s.user_attrs.get("dataset", "-")), []).append(s)
+    # Cross-study view first: it answers the question the project was born from.
+    for dataset, group in by_dataset.items():
+        if len(group) >= 2:
+            _strategy_section(page, dataset, group)
+    for s in studies:
+        _study_section(page, s, next(r for r in page.report.rows if r.study == s.study_name))
+    page.write(", ".join(s.study_name for s in studies))
+    return page.report
 
-    def add(fig_id: str, title: str, plotly_fig: Builder, mpl_fig: Builder) -> tuple[str, str]:
+
+class _Page:
+    """The report being written into ``report.out``: the HTML sections and Markdown lines so far, and each figure
+    added as an HTML div (plotly.js, 3.5 MB, inlined once, with the first) and a PNG."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.sections: list[str] = []
+        self.md: list[str] = ["# hpsearch report", ""]
+        self.first_plot = True
+
+    def figure(self, fig_id: str, title: str, plotly_fig: Builder, mpl_fig: Builder) -> tuple[str, str]:
+        """(HTML, Markdown) of one figure, or of a line saying why it is not available."""
         with warnings.catch_warnings():
             # Optuna's matplotlib backend is "experimental"; plots warn about trials they leave out.
             warnings.simplefilter("ignore")
             try:
                 fig = plotly_fig()
             except Exception as e:
-                report.missing.append(f"{fig_id}: {type(e).__name__}: {e}")
+                self.report.missing.append(f"{fig_id}: {type(e).__name__}: {e}")
                 return (f'<p class="missing">{html.escape(title)}: not available ({html.escape(str(e))})</p>',
                         f"*{title}: not available ({e})*")
-            div = fig.to_html(full_html=False, include_plotlyjs=first_plot[0], div_id=f"fig-{fig_id}",
+            div = fig.to_html(full_html=False, include_plotlyjs=self.first_plot, div_id=f"fig-{fig_id}",
                               default_height="480px")
-            first_plot[0] = False
-            report.figures.append(fig_id)
-            png = out / f"{fig_id}.png"
-            try:
-                _save_png(mpl_fig(), png)
-                report.pngs.append(png)
-                md_img = f"![{title}]({png.name})"
-            except Exception as e:
-                report.missing.append(f"{fig_id}.png: {type(e).__name__}: {e}")
-                md_img = f"*{title}: no PNG ({e})*"
+            self.first_plot = False
+            self.report.figures.append(fig_id)
+            md_img = self._png(fig_id, title, mpl_fig)
         return f'<h3>{html.escape(title)}</h3><div class="figure" data-figure="{fig_id}">{div}</div>', md_img
 
-    by_dataset: dict[str, list[optuna.Study]] = {}
-    for s in studies:
-        by_dataset.setdefault(str(s.user_attrs.get("dataset", "-")), []).append(s)
-        report.rows.append(strategy_row(s))
+    def _png(self, fig_id: str, title: str, mpl_fig: Builder) -> str:
+        """Saves the figure's PNG; returns its Markdown image, or the line saying why there is none."""
+        png = self.report.out / f"{fig_id}.png"
+        try:
+            _save_png(mpl_fig(), png)
+        except Exception as e:
+            self.report.missing.append(f"{fig_id}.png: {type(e).__name__}: {e}")
+            return f"*{title}: no PNG ({e})*"
+        self.report.pngs.append(png)
+        return f"![{title}]({png.name})"
 
-    # Cross-study view first: it answers the question the project was born from.
-    for dataset, group in by_dataset.items():
-        if len(group) < 2:
-            continue
-        curves = {s.study_name: cost_curve(s) for s in group}
-        fig_id = f"strategy-vs-cost-{_slug(dataset)}"
-        h, m = add(fig_id, f"strategy vs cost on {dataset}", partial(_cost_plotly, curves, dataset),
-                   partial(_cost_matplotlib, curves, dataset))
-        head, rows = strategy_table([r for r in report.rows if r.dataset == dataset])
-        sections.append(f"<h2>Strategy vs cost: {html.escape(dataset)}</h2>{h}{_html_table(head, rows)}")
-        md += [f"## Strategy vs cost: {dataset}", "", m, "", _md_table(head, rows), ""]
+    def write(self, names: str) -> None:
+        """Writes ``index.html`` and ``summary.md``."""
+        doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>hpsearch report: '
+               f"{html.escape(names)}</title><style>{_STYLE}</style></head><body><h1>hpsearch report</h1>"
+               f"<p>Studies: {html.escape(names)}</p>{''.join(self.sections)}"
+               f'<script type="application/json" id="report-meta">{json.dumps({"figures": self.report.figures})}'
+               "</script></body></html>")
+        (self.report.out / "index.html").write_text(doc, encoding="utf-8")
+        (self.report.out / "summary.md").write_text("\n".join(self.md) + "\n", encoding="utf-8")
 
-    for s in studies:
-        row = next(r for r in report.rows if r.study == s.study_name)
-        parts = [f"<h2>Study {html.escape(s.study_name)}</h2>",
-                 f"<p>{html.escape(row.strategy)} on {html.escape(row.dataset)}: {row.trials} finished trials "
-                 f"({row.pruned_share:.0%} pruned), best val accuracy {_fmt(row.best_val)}, "
-                 f"{row.compute_seconds:.1f} s of training</p>"]
-        md += [f"## Study {s.study_name}", "",
-               f"{row.strategy} on {row.dataset}: {row.trials} finished trials ({row.pruned_share:.0%} pruned), "
-               f"best val accuracy {_fmt(row.best_val)}, {row.compute_seconds:.1f} s of training", ""]
-        target = target_status(s)
-        if target is not None:
-            parts.append(f"<p>target: {html.escape(target)}</p>")
-            md += [f"target: {target}", ""]
-        head, rows = _trial_table(s)
-        parts.append(f"<h3>top {TOP} trials</h3>" + _html_table(head, rows))
-        md += [f"### Top {TOP} trials", "", _md_table(head, rows), ""]
-        for fig_id, title, pf, mf in _figures(s):
-            if not top_trials(s, 1):  # Optuna would draw empty axes, with a logged warning each
-                report.missing.append(f"{fig_id}: no complete trials")
-                h = f'<p class="missing">{html.escape(title)}: no complete trials</p>'
-                m = f"*{title}: no complete trials*"
-            else:
-                h, m = add(fig_id, title, pf, mf)
-            parts.append(h)
-            md += [f"### {title}", "", m, ""]
-        sections.append("".join(parts))
 
-    names = ", ".join(s.study_name for s in studies)
-    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>hpsearch report: '
-           f"{html.escape(names)}</title><style>{_STYLE}</style></head><body><h1>hpsearch report</h1>"
-           f"<p>Studies: {html.escape(names)}</p>{''.join(sections)}"
-           f'<script type="application/json" id="report-meta">{json.dumps({"figures": report.figures})}</script>'
-           "</body></html>")
-    (out / "index.html").write_text(doc, encoding="utf-8")
-    (out / "summary.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    return report
+def _strategy_section(page: _Page, dataset: str, group: list[optuna.Study]) -> None:
+    """Several studies on one dataset: their best accuracy against training seconds, and the strategy table."""
+    curves = {s.study_name: cost_curve(s) for s in group}
+    fig_id = f"strategy-vs-cost-{_slug(dataset)}"
+    h, m = page.figure(fig_id, f"strategy vs cost on {dataset}", partial(_cost_plotly, curves, dataset),
+                       partial(_cost_matplotlib, curves, dataset))
+    head, rows = strategy_table([r for r in page.report.rows if r.dataset == dataset])
+    page.sections.append(f"<h2>Strategy vs cost: {html.escape(dataset)}</h2>{h}{_html_table(head, rows)}")
+    page.md += [f"## Strategy vs cost: {dataset}", "", m, "", _md_table(head, rows), ""]
+
+
+def _study_section(page: _Page, s: optuna.Study, row: StrategyRow) -> None:
+    """One study: its summary line, target, top-trials table and Optuna's figures."""
+    summary = (f"{row.strategy} on {row.dataset}: {row.trials} finished trials ({row.pruned_share:.0%} pruned), "
+               f"best val accuracy {_fmt(row.best_val)}, {row.compute_seconds:.1f} s of training")
+    parts = [f"<h2>Study {html.escape(s.study_name)}</h2>", f"<p>{html.escape(summary)}</p>"]
+    page.md += [f"## Study {s.study_name}", "", summary, ""]
+    target = target_status(s)
+    if target is not None:
+        parts.append(f"<p>target: {html.escape(target)}</p>")
+        page.md += [f"target: {target}", ""]
+    head, rows = _trial_table(s)
+    parts.append(f"<h3>top {TOP} trials</h3>" + _html_table(head, rows))
+    page.md += [f"### Top {TOP} trials", "", _md_table(head, rows), ""]
+    for fig_id, title, pf, mf in _figures(s):
+        if not top_trials(s, 1):  # Optuna would draw empty axes, with a logged warning each
+            page.report.missing.append(f"{fig_id}: no complete trials")
+            h = f'<p class="missing">{html.escape(title)}: no complete trials</p>'
+            m = f"*{title}: no complete trials*"
+        else:
+            h, m = page.figure(fig_id, title, pf, mf)
+        parts.append(h)
+        page.md += [f"### {title}", "", m, ""]
+    page.sections.append("".join(parts))

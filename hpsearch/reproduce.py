@@ -1,10 +1,10 @@
 """``hpsearch reproduce``: a report table (studies/report/*.toml) run, every row tested, and printed next to the
 report's numbers.
 
-The study replays its [[enqueue]] rows (sampler "enqueued", no pruning); each complete row is then retrained on
-train+val for its full budget and tested by ``hpsearch.evaluate`` (``--epochs max``: the report trained fixed
-budgets). A run with a changed budget or dataset is a different study (its name says what changed) and its table
-says it was scaled.
+The study replays its [[enqueue]] rows (sampler "enqueued", no pruning) through the run session; each complete row
+is then retrained on train+val for its full budget and tested by ``hpsearch.evaluate`` (``--epochs max``: the report
+trained fixed budgets), as ``run_and_test`` does. A run with a changed budget or dataset is a different study (its
+name says what changed) and its table says it was scaled.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpsearch._errors import SpecError
+from hpsearch._display import TrainingProgress
+from hpsearch._errors import HpsearchError, SpecError
+from hpsearch._paths import default_cache_dir, default_data_dir
+from hpsearch.session import Consoles, RunOptions, epoch_line, run_study
 from hpsearch.spec import StudySpec, spec_from_dict
+from hpsearch.storage import open_storage
+from hpsearch.study import load_existing
 
 # What substitutes for torchvision's ImageNet ResNet18 where it cannot be downloaded (see ../shared/tools).
 SUBSTITUTE_HINT = ("ImageNet ResNet18 weights cannot be had offline: pass --weights FILE --backbone resnet50 "
@@ -76,6 +81,33 @@ def prepare(spec: StudySpec, changes: Changes) -> StudySpec:
     if tags:
         data["name"] = f"{spec.name}@{','.join(tags)}"
     return spec_from_dict(data, where=f"{spec.name} ({', '.join(tags)})" if tags else spec.name)
+
+
+def run_and_test(spec: StudySpec, options: RunOptions, *, seeds: int, weights_given: bool,
+                 say: Consoles) -> tuple[optuna.Study, list[Any]]:
+    """Runs the table's study (``run_study``), then tests every complete row: ``seeds`` retrainings on train+val for
+    its full budget. Returns the study and ``hpsearch.evaluate``'s rows."""
+    from hpsearch import evaluate as final
+    from hpsearch.devices import resolve_device
+
+    try:
+        run_study(spec, options, say)
+    except HpsearchError as e:
+        if spec.strategy == "finetune" and not weights_given and "weights" in str(e).lower():
+            raise HpsearchError(f"{e}; {SUBSTITUTE_HINT}") from None
+        raise
+    study = load_existing(open_storage(options.storage, create=False), spec.name)
+    dev = resolve_device(options.device)
+
+    def progress(trial: int, index: int, total: int, accuracy: float) -> None:
+        say.out.print(f"trial {trial:>4} test run {index + 1}/{total}  test acc {accuracy:.4f}")
+
+    with TrainingProgress(say.out) as display:
+        rows = final.evaluate_study(study, spec, top=len(spec.enqueue), seeds=seeds, epochs="max",
+                                    data_dir=options.data_dir or default_data_dir(),
+                                    cache_dir=options.cache_dir or default_cache_dir(), device=dev,
+                                    progress=progress, epoch_progress=epoch_line(display, "test run"))
+    return study, rows
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Optuna does not let a finished trial change, so a trial's results are the study's user attribute
 ``evaluate:<trial number>``: ``{"epochs", "schedule_epochs", "train_fraction", "mode", "runs": [{"test_accuracy",
-...}], "mean", "std"}`` (records stored before ``--epochs N`` / ``--train-fraction`` lack the middle keys).
+...}], "mean", "std"}``. ``schedule_epochs``, ``train_fraction`` and ``mode`` may be absent: readers use ``.get``.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ class _State:
 _state = _State()
 
 
-def raised() -> Terminated | None:
-    """The Terminated of this process, if SIGTERM came; asking means it is being handled (no more raising)."""
+def take_terminated() -> Terminated | None:
+    """The Terminated of this process, if SIGTERM came, taken over by the caller: from now on it is being handled,
+    and a resent or second SIGTERM raises nothing more."""
     _state.delivered = _state.term is not None
     return _state.term
 

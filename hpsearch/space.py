@@ -53,8 +53,9 @@ class Fixed:
 @dataclass(frozen=True)
 class PerChoice:
     """A range that depends on the value an earlier key took in the same trial: the learning rate per optimizer
-    (Adam wants ~1e-3, SGD ~1e-2..1e-1). The parameter keeps its one name (``lr``), so enqueued rows, report files
-    and exports read as before; Optuna allows one name with different ranges (TPE samples it independently)."""
+    (Adam wants ~1e-3, SGD ~1e-2..1e-1). The parameter has one name (``lr``) whatever the earlier key's value, so
+    enqueued rows, report files and exports name it the same way; Optuna allows one name with different ranges (TPE
+    samples it independently)."""
 
     key: str  # the earlier key (sampled first), e.g. "optimizer"
     dims: tuple[tuple[Scalar, FloatRange | IntRange], ...]  # (that key's value, range) pairs
@@ -210,6 +211,48 @@ class Space:
 
     def describe(self) -> dict[str, str]:
         return {key: describe(dim) for key, dim in self.dims.items()}
+
+    def row_keys(self) -> list[str]:
+        """What an ``[[enqueue]]`` row may name: each parameter, a per-layer one also as ``key_<i>`` (or
+        ``key_<name>``)."""
+        return [f"{k} (or {k}_<{'name' if self.params[p.per].allowed is not None else 'i'}>)" if (p.per is not None)
+                else k for k, p in sorted(self.params.items())]
+
+    def expand_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A per-layer key's base name in an [[enqueue]] row (``channels = 64``) sets every copy, as in ``[space]``:
+        ``channels_0 .. channels_{n-1}`` with n the row's ``conv_layers``, or the most the space allows when the row
+        does not fix it (Optuna ignores a fixed parameter a trial never suggests); for a key copied per name (zoo's
+        ``input_size_<model>``), the row's model, or every model of the space. A copy the row names itself wins.
+        Keys that are not per-layer parameters (the row's label, ...) are kept as they are."""
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            param = self.params.get(key)
+            if param is None or param.per is None:
+                out[key] = value
+                continue
+            for copy in self._copies(param.per, row):
+                name = f"{key}_{copy}"
+                out[name] = row.get(name, value)
+        return out
+
+    def _copies(self, per: str, row: dict[str, Any]) -> list[str]:
+        """The copies (``_0``, ``_1``, ... or ``_<name>``) of a key repeated per ``per`` that a trial of ``row`` may
+        use."""
+        named = self.params[per].allowed is not None
+        dim = self.dims[per]
+        if per in row:
+            values: list[Any] = [row[per]]
+        elif isinstance(dim, Fixed):
+            values = [dim.value]
+        elif isinstance(dim, Categorical):
+            values = list(dim.choices)
+        elif isinstance(dim, IntRange | FloatRange):
+            values = [dim.high]
+        else:  # a PerChoice range: its widest
+            values = [d.high for _, d in dim.dims]
+        if named:
+            return [str(v) for v in values]
+        return [str(i) for i in range(int(max(values)))]
 
 
 def _inside(value: Any, dim: Categorical | IntRange | FloatRange | Fixed) -> bool:

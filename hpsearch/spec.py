@@ -14,41 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from hpsearch._errors import SpecError
+from hpsearch._knobs import DEAD_KNOBS as DEAD_KNOBS  # re-exported: the knob tables live in hpsearch._knobs
+from hpsearch._knobs import PRUNER_KNOBS, SAMPLER_KNOBS, Fail, algorithm, check_rung_pruner
+from hpsearch._knobs import Knob as Knob
 from hpsearch._secrets import redact_url
 from hpsearch.data import check_dataset_name
-from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Space, resolve_space
+from hpsearch.space import Space, resolve_space
 from hpsearch.strategies import STRATEGIES
 
-# Knobs each sampler / pruner accepts from a table form (``[pruner] type = "median"  n_warmup_steps = 2``):
-# name -> (type, inclusive lower bound, inclusive upper bound).
-Knob = tuple[type | tuple[type, ...], float | None, float | None]
-SAMPLER_KNOBS: dict[str, dict[str, Knob]] = {
-    "tpe": {"n_startup_trials": (int, 0, None), "multivariate": (bool, None, None),
-            "constant_liar": (bool, None, None), "n_ei_candidates": (int, 1, None)},
-    "random": {},
-    "gp": {"n_startup_trials": (int, 0, None)},
-    "cmaes": {"n_startup_trials": (int, 0, None), "popsize": (int, 2, None)},
-    "qmc": {"qmc_type": (str, None, None), "scramble": (bool, None, None)},
-    "enqueued": {},  # replays the [[enqueue]] rows and refuses to sample (the report's tables)
-}
 # Keys of an [[enqueue]] row that describe it rather than set a parameter: stored as the trial's user attrs.
 ENQUEUE_META = ("label", "paper_accuracy")
-# Dead-trial pruning, on top of every pruner but "none": a trial whose validation accuracy is still within
-# ``dead_margin`` of chance (what always guessing the majority class scores) after ``dead_after`` epochs is pruned.
-DEAD_KNOBS: dict[str, Knob] = {"dead_trial": (bool, None, None), "dead_margin": ((int, float), 0, 1),
-                               "dead_after": (int, 1, None)}
-_PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
-    "none": {},
-    "median": {"n_startup_trials": (int, 0, None), "n_warmup_steps": (int, 0, None), "interval_steps": (int, 1, None),
-               "n_min_trials": (int, 1, None)},
-    "percentile": {"percentile": ((int, float), 0, 100), "n_startup_trials": (int, 0, None),
-                   "n_warmup_steps": (int, 0, None), "interval_steps": (int, 1, None), "n_min_trials": (int, 1, None)},
-    "successive-halving": {"min_resource": ((int, str), 1, None), "reduction_factor": (int, 2, None),
-                           "min_early_stopping_rate": (int, 0, None)},
-    "hyperband": {"min_resource": (int, 1, None), "max_resource": ((int, str), 1, None),
-                  "reduction_factor": (int, 2, None)},
-}
-PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}
 TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "max_seconds_per_epoch", "max_flops",
             "val_fraction", "train_fraction",
             "sampler", "pruner", "seed", "tta", "rungs", "final", "target", "warm_start", "space", "enqueue")
@@ -148,9 +123,46 @@ def load_spec(path: str | Path) -> StudySpec:
 
 
 def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
+    """The study file's content -> a StudySpec; each step raises a SpecError naming ``where``, the key, the value and
+    the rule. The steps run in the file's reading order, so a file with several mistakes reports the first."""
+    fail = _failer(where)
+    _check_top_keys(data, where)
+    name, dataset, strategy = _identity(data, where, fail)
+    epochs = _number(data, "epochs", int, 1, 10_000, fail)
+    n_trials, timeout = _budget(data, where, fail)
+    max_seconds = (float(_number(data, "max_seconds_per_epoch", (int, float), 0.001, None, fail))
+                   if "max_seconds_per_epoch" in data else None)
+    max_flops = _number(data, "max_flops", int, 1, None, fail) if "max_flops" in data else None
+    val_fraction, train_fraction = _fractions(data, fail)
+    seed = _number(data, "seed", int, 0, 2**32 - 1, fail) if "seed" in data else 0
+    sampler, pruner, rungs = _algorithms(data, epochs, fail)
+    tta = data.get("tta", "none")
+    if not isinstance(tta, str) or tta not in TTA_LEVELS:
+        raise fail("tta", tta, f"is not known; allowed: {', '.join(TTA_LEVELS)}")
+    final_epochs, final_fraction = _final(data.get("final", {}), fail)
+    target = _target(data.get("target"), fail)
+    warm_start = _warm_start(data["warm_start"], name, fail) if "warm_start" in data else None
+    overrides, space = _space(data, strategy, where, fail)
+    enqueue = _enqueue(data.get("enqueue", []), space, where, fail)
+    _check_enqueued_sampler(sampler, enqueue, n_trials, fail)
+    return StudySpec(
+        name=name, dataset=dataset, strategy=strategy, epochs=epochs, n_trials=n_trials, timeout=timeout,
+        max_seconds_per_epoch=max_seconds, max_flops=max_flops, val_fraction=val_fraction,
+        train_fraction=train_fraction, sampler=sampler, pruner=pruner, seed=seed,
+        space_overrides=overrides, enqueue=enqueue, space=space, tta=tta, rungs=rungs,
+        final_epochs=final_epochs, final_train_fraction=final_fraction, target=target, warm_start=warm_start,
+    )
+
+
+def _failer(where: str) -> Fail:
+    """The error of one bad value: ``FILE: key = value rule``."""
+
     def fail(key: str, value: Any, rule: str) -> SpecError:
         return SpecError(f"{where}: {key} = {_show(value)} {rule}")
+    return fail
 
+
+def _check_top_keys(data: dict[str, Any], where: str) -> None:
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
@@ -158,6 +170,9 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
         if key not in data:
             raise SpecError(f"{where}: missing required key {key!r}")
 
+
+def _identity(data: dict[str, Any], where: str, fail: Fail) -> tuple[str, str, str]:
+    """(name, dataset, strategy)."""
     name = data["name"]
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise fail("name", name, "must be a non-empty string of at most 200 characters")
@@ -171,39 +186,49 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
     strategy = data["strategy"]
     if not isinstance(strategy, str) or strategy not in STRATEGIES:  # a list or table is not hashable
         raise fail("strategy", strategy, f"is not known; allowed: {', '.join(STRATEGIES)}")
+    return name, dataset, strategy
 
-    epochs = _number(data, "epochs", int, 1, 10_000, fail)
+
+def _budget(data: dict[str, Any], where: str, fail: Fail) -> tuple[int | None, float | None]:
+    """(n_trials, timeout): at least one of them."""
     n_trials = _number(data, "n_trials", int, 1, 1_000_000, fail) if "n_trials" in data else None
     timeout = float(_number(data, "timeout", (int, float), 1, None, fail)) if "timeout" in data else None
     if n_trials is None and timeout is None:
         raise SpecError(f"{where}: give n_trials and/or timeout (seconds): without either a study never ends")
-    max_seconds = (float(_number(data, "max_seconds_per_epoch", (int, float), 0.001, None, fail))
-                   if "max_seconds_per_epoch" in data else None)
-    max_flops = _number(data, "max_flops", int, 1, None, fail) if "max_flops" in data else None
+    return n_trials, timeout
+
+
+def _fractions(data: dict[str, Any], fail: Fail) -> tuple[float, float]:
+    """(val_fraction, train_fraction)."""
     val_fraction = data.get("val_fraction", 0.1)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
         raise fail("val_fraction", val_fraction, "must be a number with 0 < val_fraction < 1")
-    val_fraction = float(val_fraction)
     train_fraction = data.get("train_fraction", 1.0)
     if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not 0 < train_fraction <= 1:
         raise fail("train_fraction", train_fraction, "must be a number with 0 < train_fraction <= 1")
-    seed = _number(data, "seed", int, 0, 2**32 - 1, fail) if "seed" in data else 0
+    return float(val_fraction), float(train_fraction)
 
-    sampler = _algorithm(data.get("sampler", "tpe"), "sampler", SAMPLER_KNOBS, fail)
+
+def _algorithms(data: dict[str, Any], epochs: int,
+                fail: Fail) -> tuple[dict[str, Any], dict[str, Any], tuple[Rung, ...]]:
+    """(sampler, pruner, rungs): with rungs the pruner defaults to successive halving, and must promote by it."""
+    sampler = algorithm(data.get("sampler", "tpe"), "sampler", SAMPLER_KNOBS, fail)
     rungs = _rungs(data.get("rungs", []), epochs, fail)
-    pruner = _algorithm(data.get("pruner", "successive-halving" if rungs else "median"), "pruner", PRUNER_KNOBS, fail)
+    pruner = algorithm(data.get("pruner", "successive-halving" if rungs else "median"), "pruner", PRUNER_KNOBS, fail)
     if rungs:
-        _check_rung_pruner(pruner, fail)
-    tta = data.get("tta", "none")
-    if not isinstance(tta, str) or tta not in TTA_LEVELS:
-        raise fail("tta", tta, f"is not known; allowed: {', '.join(TTA_LEVELS)}")
-    final_epochs, final_fraction = _final(data.get("final", {}), fail)
-    target = data.get("target")
+        check_rung_pruner(pruner, fail)
+    return sampler, pruner, rungs
+
+
+def _target(target: Any, fail: Fail) -> float | None:
     if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
                                or not 0 < target <= 1):
         raise fail("target", target, "must be a validation accuracy with 0 < target <= 1")
-    warm_start = _warm_start(data["warm_start"], name, fail) if "warm_start" in data else None
+    return None if target is None else float(target)
 
+
+def _space(data: dict[str, Any], strategy: str, where: str, fail: Fail) -> tuple[dict[str, Any], Space]:
+    """(the ``[space]`` table as written, the strategy's space with it applied and the strategy's own check passed)."""
     overrides = data.get("space", {})
     if not isinstance(overrides, dict):
         raise fail("space", overrides, "must be a table ([space])")
@@ -214,8 +239,11 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
             check(space)
         except ValueError as e:
             raise SpecError(f"{where}: space.{e}") from None
+    return overrides, space
 
-    enqueue = data.get("enqueue", [])
+
+def _enqueue(enqueue: Any, space: Space, where: str, fail: Fail) -> tuple[dict[str, Any], ...]:
+    """The ``[[enqueue]]`` rows, each value checked against the space, per-layer keys expanded (Space.expand_row)."""
     if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
         raise fail("enqueue", enqueue, "must be an array of tables ([[enqueue]])")
     for i, params in enumerate(enqueue):
@@ -225,28 +253,24 @@ def spec_from_dict(data: dict[str, Any], *, where: str) -> StudySpec:
                 continue
             if space.param_for(key) is None:
                 raise SpecError(f"{where}: enqueue[{i}].{key} = {_show(value)} is not a parameter of this strategy; "
-                                f"allowed: {_enqueue_keys(space)}")
+                                f"allowed: {', '.join([*space.row_keys(), *ENQUEUE_META])}")
             try:
                 space.check_fixed_value(key, value)
             except ValueError as e:
                 raise SpecError(f"{where}: enqueue[{i}].{key} = {_show(value)} {e}") from None
-    enqueue = [_expand_row(row, space) for row in enqueue]
+    return tuple(space.expand_row(row) for row in enqueue)
 
-    if sampler["type"] == "enqueued":
-        if not enqueue:
-            raise fail("sampler", "enqueued", "replays [[enqueue]] rows, but the file has none")
-        if n_trials is None or n_trials > len(enqueue):
-            raise fail("n_trials", n_trials, f'must be given and <= the {len(enqueue)} [[enqueue]] rows with sampler '
-                       '"enqueued" (it never samples)')
 
-    return StudySpec(
-        name=name, dataset=dataset, strategy=strategy, epochs=epochs, n_trials=n_trials, timeout=timeout,
-        max_seconds_per_epoch=max_seconds, max_flops=max_flops, val_fraction=val_fraction,
-        train_fraction=float(train_fraction), sampler=sampler, pruner=pruner, seed=seed,
-        space_overrides=overrides, enqueue=tuple(enqueue), space=space, tta=tta, rungs=rungs,
-        final_epochs=final_epochs, final_train_fraction=final_fraction,
-        target=None if target is None else float(target), warm_start=warm_start,
-    )
+def _check_enqueued_sampler(sampler: dict[str, Any], enqueue: tuple[dict[str, Any], ...], n_trials: int | None,
+                            fail: Fail) -> None:
+    """Sampler "enqueued" never samples: it needs rows, and no more trials than rows."""
+    if sampler["type"] != "enqueued":
+        return
+    if not enqueue:
+        raise fail("sampler", "enqueued", "replays [[enqueue]] rows, but the file has none")
+    if n_trials is None or n_trials > len(enqueue):
+        raise fail("n_trials", n_trials, f'must be given and <= the {len(enqueue)} [[enqueue]] rows with sampler '
+                   '"enqueued" (it never samples)')
 
 
 def _warm_start(raw: Any, name: str, fail: Any) -> WarmStart:
@@ -314,17 +338,6 @@ def _rungs(raw: Any, epochs: int, fail: Any) -> tuple[Rung, ...]:
     return tuple(rungs)
 
 
-def _check_rung_pruner(pruner: dict[str, Any], fail: Any) -> None:
-    """Rungs are promoted by successive halving (a trial goes on to the next rung when it is in the top
-    1/reduction_factor of its rung so far), or all trained (``none``); the steps are rungs, not epochs."""
-    if pruner["type"] not in ("successive-halving", "none"):
-        raise fail("pruner", pruner["type"], 'with rungs must be "successive-halving" (it promotes the best of each '
-                   'rung to the next) or "none"')
-    for knob in ("min_resource", "min_early_stopping_rate"):
-        if knob in pruner:
-            raise fail(f"pruner.{knob}", pruner[knob], "is set by the rungs (each rung is one step); leave it out")
-
-
 def _check_meta(key: str, value: Any, where: str) -> None:
     if key == "label" and (not isinstance(value, str) or not value.strip()):
         raise SpecError(f"{where} must be a non-empty string (the row's name in reports)")
@@ -332,50 +345,6 @@ def _check_meta(key: str, value: Any, where: str) -> None:
         isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1
     ):
         raise SpecError(f"{where} must be a number with 0 <= paper_accuracy <= 1 (the accuracy a report gave)")
-
-
-def _enqueue_keys(space: Space) -> str:
-    """What an [[enqueue]] row may name: each parameter (a per-layer one also as ``key_<i>``, or ``key_<name>``)
-    and the metadata keys."""
-    keys = [f"{k} (or {k}_<{'name' if space.params[p.per].allowed is not None else 'i'}>)" if (p.per is not None)
-            else k for k, p in sorted(space.params.items())]
-    return ", ".join([*keys, *ENQUEUE_META])
-
-
-def _expand_row(row: dict[str, Any], space: Space) -> dict[str, Any]:
-    """A per-layer key's base name in an [[enqueue]] row (``channels = 64``) sets every copy, as in ``[space]``:
-    ``channels_0 .. channels_{n-1}`` with n the row's ``conv_layers``, or the most the space allows when the row
-    does not fix it (Optuna ignores a fixed parameter a trial never suggests); for a key copied per name (zoo's
-    ``input_size_<model>``), the row's model, or every model of the space. A copy the row names itself wins."""
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        param = space.params.get(key)
-        if key in ENQUEUE_META or param is None or param.per is None:
-            out[key] = value
-            continue
-        for copy in _copies(space, param.per, row):
-            name = f"{key}_{copy}"
-            out[name] = row.get(name, value)
-    return out
-
-
-def _copies(space: Space, per: str, row: dict[str, Any]) -> list[str]:
-    """The copies (``_0``, ``_1``, ... or ``_<name>``) of a key repeated per ``per`` that a trial of ``row`` may use."""
-    named = space.params[per].allowed is not None
-    dim = space.dims[per]
-    if per in row:
-        values: list[Any] = [row[per]]
-    elif isinstance(dim, Fixed):
-        values = [dim.value]
-    elif isinstance(dim, Categorical):
-        values = list(dim.choices)
-    elif isinstance(dim, IntRange | FloatRange):
-        values = [dim.high]
-    else:  # a PerChoice range: its widest
-        values = [d.high for _, d in dim.dims]
-    if named:
-        return [str(v) for v in values]
-    return [str(i) for i in range(int(max(values)))]
 
 
 def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -393,36 +362,6 @@ def _number(data: dict[str, Any], key: str, kind: Any, low: float, high: float |
         upper = f" and <= {high}" if high is not None else ""
         raise fail(key, value, f"must be {noun} >= {low}{upper}")
     return value
-
-
-def _algorithm(raw: Any, key: str, knobs: dict[str, dict[str, Knob]], fail: Any) -> dict[str, Any]:
-    """``"median"`` or ``{type = "median", n_warmup_steps = 2}`` -> ``{"type": "median", ...}``."""
-    table = {"type": raw} if isinstance(raw, str) else dict(raw) if isinstance(raw, dict) else None
-    if table is None or "type" not in table:
-        raise fail(key, raw, f"must be a name or a table with type; allowed types: {', '.join(knobs)}")
-    kind = table["type"]
-    if not isinstance(kind, str) or kind not in knobs:
-        raise fail(key, kind, f"is not known; allowed: {', '.join(knobs)}")
-    for knob, value in table.items():
-        if knob == "type":
-            continue
-        if knob not in knobs[kind]:
-            allowed = ", ".join(knobs[kind]) or "none"
-            raise fail(f"{key}.{knob}", value, f"is not a knob of {key} {kind!r}; allowed: {allowed}")
-        types, low, high = knobs[kind][knob]
-        types = types if isinstance(types, tuple) else (types,)
-        # A string knob is an enumeration: qmc_type names the sequence, min/max_resource may be "auto".
-        words = ("sobol", "halton") if knob == "qmc_type" else ("auto",)
-        if type(value) not in types or (isinstance(value, str) and value not in words):
-            rule = " or ".join(t.__name__ for t in types if t is not str)
-            rule = " or ".join(filter(None, [rule, ", ".join(f'"{w}"' for w in words) if str in types else ""]))
-            raise fail(f"{key}.{knob}", value, f"must be {rule}")
-        if isinstance(value, int | float) and not isinstance(value, bool) and (
-            (low is not None and value < low) or (high is not None and value > high)
-        ):
-            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
-            raise fail(f"{key}.{knob}", value, f"must be {bounds}")
-    return table
 
 
 def _show(value: Any) -> str:

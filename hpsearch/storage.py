@@ -9,7 +9,6 @@ import logging
 import os
 import sqlite3
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,13 @@ import optuna
 import sqlalchemy
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._optuna import quiet_experimental
 from hpsearch._preflight import check_writable_sqlite
-from hpsearch._secrets import escape_password, redact_url, remember
-from hpsearch.proxy import is_proxy_url, open_proxy
+from hpsearch._secrets import redact_url, remember
+from hpsearch._urls import escape_password, is_proxy_url, is_sqlite, parse_database_url, sqlite_database
+from hpsearch.proxy import open_proxy
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 # A worker writes a heartbeat this often while a trial runs; a RUNNING trial whose heartbeat is older than the
@@ -47,23 +47,23 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
     url = storage_url(url)
     if is_proxy_url(url):  # its workers' heartbeats go through the proxy, which fails the stale trials
         return open_proxy(url, heartbeat=heartbeat_settings()[0])
-    try:
-        parsed = make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+    parsed = parse_database_url(url)
+    if parsed is None:
         raise SpecError(f"--storage: {redact_url(url)!r} is not an SQLAlchemy URL (e.g. sqlite:///hpsearch.db, "
-                        "postgresql+psycopg://user@host/db)") from None
+                        "postgresql+psycopg://user@host/db)")
     # Read before the database is touched: a bad value is bad input (exit 2), not a failure to open it.
     heartbeat, grace = heartbeat_settings()
     # A server restart or a dropped idle connection is noticed before use, not in the middle of a trial.
     engine_kwargs: dict = {"pool_pre_ping": True, **pool_settings(parsed)}
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            if not create and not Path(parsed.database).is_file():
-                raise SpecError(f"--storage: there is no SQLite database at {parsed.database!r} (run a study first, "
+    if is_sqlite(parsed):
+        database = sqlite_database(parsed)
+        if database is not None:
+            if not create and not Path(database).is_file():
+                raise SpecError(f"--storage: there is no SQLite database at {database!r} (run a study first, "
                                 "or pass --storage / HPSEARCH_STORAGE)")
             if create:  # the commands that only read leave the file's settings (journal mode) alone
-                check_writable_sqlite(Path(parsed.database))
-                _prepare_sqlite(Path(parsed.database))
+                check_writable_sqlite(Path(database))
+                _prepare_sqlite(Path(database))
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}
     for attempt in range(TABLE_RACE_ATTEMPTS):
         try:
@@ -78,7 +78,7 @@ def open_storage(url: str | None, *, create: bool = True) -> optuna.storages.Bas
         except ImportError as e:
             raise HpsearchError(f"--storage {redact_url(url)}: the database driver is not installed ({e})") from None
         except Exception as e:  # connection refused, unknown database, permissions: all end the same way
-            if parsed.get_backend_name() == "sqlite" and _damaged_sqlite(e):
+            if is_sqlite(parsed) and _damaged_sqlite(e):
                 raise _not_sqlite(parsed.database, e) from None
             # Workers started together on an empty database race to create Optuna's tables; the loser sees a
             # unique-key violation from the catalogue and simply opens the tables the winner made.
@@ -243,8 +243,7 @@ _logger = logging.getLogger(__name__)
 
 def _rdb_storage(url: str, engine_kwargs: dict, *, heartbeat: int, grace: int,
                  create: bool) -> HeartbeatStorage:
-    with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental" in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():  # heartbeats and the retry callback are "experimental" in Optuna 5
         storage = HeartbeatStorage(
             # Optuna fills the URL in with str.format: doubled braces reach the driver as the user's own braces
             # (a password "a{b}" would otherwise be a KeyError naming part of the password).
@@ -286,7 +285,7 @@ def _check_schema(url: str, parsed: sqlalchemy.engine.URL, engine_kwargs: dict) 
     try:
         tables = set(sqlalchemy.inspect(engine).get_table_names())
     except sqlalchemy.exc.DatabaseError as e:
-        if parsed.get_backend_name() == "sqlite" and _damaged_sqlite(e):
+        if is_sqlite(parsed) and _damaged_sqlite(e):
             raise _not_sqlite(parsed.database, e) from None
         raise
     finally:

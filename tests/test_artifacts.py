@@ -153,11 +153,31 @@ def test_a_different_artifacts_location_for_an_existing_study_is_refused(run_cli
 
 
 def test_the_env_variable_sets_the_store(run_cli, write_study, tmp_path, monkeypatch):
-    monkeypatch.setenv("HPSEARCH_ARTIFACTS", str(tmp_path / "from-env"))
-    assert run_cli("run", str(write_study(n_trials=1, epochs=1, space=SPACE))).code == 0
+    """HPSEARCH_ARTIFACTS names the store: the running trial's checkpoint is written there, under the study's id,
+    and nowhere else (not in the default <cache>/artifacts); it is removed once the trial finished."""
+    store = tmp_path / "from-env"
+    default = tmp_path / "cache" / "artifacts"
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", str(store))
+    seen: list[tuple[str, bool, list[str]]] = []
+
+    def report(self: optuna.Trial, value: float, at: int) -> None:
+        if at == 1:  # epoch 0's checkpoint is written right after its report: it is there while epoch 1 reports
+            checkpoint = str(self.user_attrs.get(artifacts.CHECKPOINT_ATTR))
+            seen.append((checkpoint, (store / checkpoint).is_file(),
+                         sorted(str(p.relative_to(default)) for p in default.rglob("*")) if default.exists() else []))
+        _REPORT(self, value, at)
+
+    monkeypatch.setattr(optuna.Trial, "report", report)
+    text = study_text(n_trials=1, epochs=2, extra='pruner = "none"', space=SPACE)
+    assert run_cli("run", str(write_study(text=text))).code == 0
     study = optuna.load_study(study_name="tiny", storage=STORAGE)
-    assert study.user_attrs[artifacts.ARTIFACTS_ATTR] == str(tmp_path / "from-env")
-    assert (tmp_path / "from-env" / "checkpoints").is_dir()  # the trial's checkpoint was written, then removed
+    assert study.user_attrs[artifacts.ARTIFACTS_ATTR] == str(store)
+    expected = artifacts.checkpoint_id(study.user_attrs[artifacts.STUDY_ID_ATTR], 0)
+    assert study.trials[0].user_attrs[artifacts.CHECKPOINT_ATTR] == expected
+    assert seen == [(expected, True, [])], f"while trial 0 ran (checkpoint, in {store}, in the default store): {seen}"
+    assert not (store / expected).exists()  # removed once the trial's final state was stored
+    assert (store / expected).parent.is_dir()
+    assert not default.exists()  # the default store was never used
 
 
 def test_kept_checkpoints_are_removed_with_their_study(run_cli, write_study, tmp_path):

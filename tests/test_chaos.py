@@ -18,18 +18,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from signal import SIGKILL
+from signal import SIGKILL, SIGTERM
 
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.storage import MAX_RETRY
+from tests import epoch_log
 from tests.chaos_worker import PID_ATTR
 from tests.conftest import ONE_CONFIG_SPACE, study_text
 from tests.test_services import pg_url  # noqa: F401  (fixture)
 
-WORKER = Path(__file__).with_name("chaos_worker.py")
+# chaos_worker.py's slow epochs, and a log of the epochs each trial trained (tests/epoch_log.py)
+WORKER = Path(__file__).with_name("epoch_log.py")
 ROOT = Path(__file__).resolve().parent.parent
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Fixed: nothing is rejected or pruned, so every trial trains all its epochs.
@@ -65,7 +67,8 @@ def run_chaos(storage: str, cwd: Path, chaos: Chaos) -> dict[int, FrozenTrial]:
                                space=SPACE))
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), "HPSEARCH_HEARTBEAT_SECONDS": "1",
            "HPSEARCH_GRACE_SECONDS": "3", "CHAOS_EPOCH_SECONDS": str(chaos.epoch_seconds),
-           "CHAOS_SLEEP_BEFORE_REPORT": "1" if chaos.sleep_before_report else "0"}
+           "CHAOS_SLEEP_BEFORE_REPORT": "1" if chaos.sleep_before_report else "0",
+           epoch_log.ENV: str(cwd / "epochs")}
     logs: list[Path] = []
 
     def start() -> subprocess.Popen[bytes]:
@@ -145,7 +148,8 @@ def describe(trials: list[FrozenTrial]) -> str:
                      f"val_accuracy={t.user_attrs.get('val_accuracy')}" for t in trials)
 
 
-def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) -> None:
+def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial], trained: dict[int, list[int]]) -> None:
+    """``trained``: the epochs each trial trained, by trial number (tests/epoch_log.py)."""
     trials = optuna.load_study(study_name="chaos", storage=storage).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)), "duplicated trial numbers"
@@ -164,14 +168,24 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) 
         assert all(t.user_attrs["val_accuracy"] == done[0].user_attrs["val_accuracy"] for t in done)
         retry = done[0]
         assert retry.params == dead.params
-        # Resumed from the dead worker's checkpoint. Only a kill between the first epoch's report and its checkpoint
-        # leaves none (a window that widens under load); the retry then starts over with the same seed, so it
-        # reports the same values (checked below).
-        if "resumed_after_epoch" in retry.user_attrs:
+        # Resumed from the checkpoint of the trial it replaces (the last of its retry chain, usually the killed one):
+        # after the last epoch that trial reported, or the one before when the kill fell between a report and its
+        # checkpoint. Only a kill between the first epoch's report and its checkpoint leaves none (a window that
+        # widens under load); the retry then starts over with the same seed, so it reports the same values.
+        replaced = trials[retry.system_attrs["retry_history"][-1]]
+        reported_before = len(replaced.intermediate_values)
+        after = retry.user_attrs.get("resumed_after_epoch")
+        if after is not None:
             resumed += 1
+            assert after in (reported_before - 2, reported_before - 1), (number, retry.number, states)
         else:
-            assert len(dead.intermediate_values) == 1, (number, retry.number, retry.user_attrs)
-        # Resumed from epoch > 0: the epochs the dead worker had reported were not trained again.
+            assert reported_before == 1, (number, retry.number, retry.user_attrs)
+        # What the retry trained itself: the epochs after its checkpoint's, each once. A retry that trained the dead
+        # worker's epochs again with the same seed would report the same values, and pass every check below.
+        start = 0 if after is None else after + 1
+        assert trained.get(retry.number) == list(range(start, chaos.epochs)), \
+            f"retry {retry.number} of trial {number} (resumed_after_epoch={after}) trained epochs " \
+            f"{trained.get(retry.number)}\n{states}"
         reported = [dead.intermediate_values[e] for e in sorted(dead.intermediate_values)]
         assert len(before.intermediate_values) >= 1
         assert retry.user_attrs["val_accuracy"][:len(reported)] == reported, (number, retry.number, states)
@@ -181,16 +195,41 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial]) 
     assert resumed >= 1, f"no retry resumed from a checkpoint\n{states}"
 
 
+def test_a_retry_trains_only_the_epochs_after_its_checkpoint(run_cli, write_study, monkeypatch):
+    """check_end_state's resume checks in one process, fast: a run SIGTERMed while trial 0 reports epoch 2 leaves
+    the checkpoint of epoch 1; the retry says it resumed after epoch 1 and trains epochs 2 and 3 only, continuing the
+    dead trial's curve."""
+    report = optuna.Trial.report
+    trained: dict[int, list[int]] = {}
+
+    def logged(self: optuna.Trial, value: float, step: int) -> None:
+        if self.number == 0 and step == 2:
+            os.kill(os.getpid(), SIGTERM)  # raises in this thread: epoch 2 is neither reported nor checkpointed
+        report(self, value, step)
+        trained.setdefault(self.number, []).append(step)
+
+    monkeypatch.setattr(optuna.Trial, "report", logged)
+    path = write_study(text=study_text(n_trials=1, epochs=4, extra='pruner = "none"', space=ONE_CONFIG_SPACE))
+    assert run_cli("run", str(path)).code == 143
+    assert run_cli("run", str(path)).code == 0
+    dead, retry = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db").get_trials()
+    assert (dead.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert retry.user_attrs["resumed_after_epoch"] == 1
+    assert trained == {0: [0, 1], 1: [2, 3]}, f"epochs trained, by trial: {trained}"
+    assert [retry.intermediate_values[e] for e in (0, 1)] == [dead.intermediate_values[e] for e in (0, 1)]
+    assert retry.user_attrs["val_accuracy"] == [retry.intermediate_values[e] for e in range(4)]
+
+
 @pytest.mark.services
 def test_chaos_postgresql_small(tmp_path: Path, pg_url: str):  # noqa: F811
     killed = run_chaos(pg_url, tmp_path, SMALL)
-    check_end_state(pg_url, SMALL, killed)
+    check_end_state(pg_url, SMALL, killed, epoch_log.read(tmp_path / "epochs"))
 
 
 def test_chaos_sqlite_small(tmp_path: Path):
     storage = "sqlite:///chaos.db"
     killed = run_chaos(storage, tmp_path, SMALL)
-    check_end_state(storage, SMALL, killed)
+    check_end_state(storage, SMALL, killed, epoch_log.read(tmp_path / "epochs"))
 
 
 @pytest.mark.slow
@@ -199,14 +238,14 @@ def test_chaos_postgresql_full(tmp_path: Path, pg_url: str):  # noqa: F811
     if subprocess.run(["which", "pg_ctlcluster"], capture_output=True).returncode != 0:
         pytest.skip("pg_ctlcluster is not installed: cannot restart the server")
     killed = run_chaos(pg_url, tmp_path, FULL)
-    check_end_state(pg_url, FULL, killed)
+    check_end_state(pg_url, FULL, killed, epoch_log.read(tmp_path / "epochs"))
 
 
 @pytest.mark.slow
 def test_chaos_sqlite_full(tmp_path: Path):
     storage = "sqlite:///chaos.db"
     killed = run_chaos(storage, tmp_path, FULL_SQLITE)
-    check_end_state(storage, FULL_SQLITE, killed)
+    check_end_state(storage, FULL_SQLITE, killed, epoch_log.read(tmp_path / "epochs"))
 
 
 # Workers killed while an epoch is between its training and its report: the checkpoint is written only after the
@@ -217,4 +256,4 @@ def test_chaos_sqlite_kill_between_checkpoint_and_report(tmp_path: Path):
     chaos = Chaos(workers=3, n_trials=12, kills=3, min_kills=2, kill_every=2, kill_for=60, sleep_before_report=True)
     storage = "sqlite:///chaos.db"
     killed = run_chaos(storage, tmp_path, chaos)
-    check_end_state(storage, chaos, killed)
+    check_end_state(storage, chaos, killed, epoch_log.read(tmp_path / "epochs"))

@@ -196,7 +196,7 @@ def test_no_artifacts_uploads_nothing(run_cli: Any, write_study: Any, tmp_path: 
 def test_workers_pass_no_artifacts_on() -> None:
     slot = Slot(device="cpu", threads=1, cpus=None)
     cmd = worker_command("s", slot, n_trials=None, timeout=None, data_dir=None, cache_dir=None, compile=False,
-                         no_artifacts=True)
+                         explain=False)
     assert cmd[-1] == "--no-artifacts"
     assert "--no-artifacts" not in worker_command("s", slot, n_trials=None, timeout=None, data_dir=None,
                                                   cache_dir=None, compile=False)

@@ -105,6 +105,52 @@ def test_rule_and_pruner(write_study):
     assert dead_trial_rule(spec, 0.99) is None  # one class fills the split: chance means nothing
 
 
+ZOO = Path(__file__).resolve().parents[1] / "studies" / "cifar10-zoo.toml"
+
+
+def _pruned_after(pruner: optuna.pruners.BasePruner, curve: list[float]) -> int | None:
+    """Reports ``curve`` one epoch at a time to a fresh trial under ``pruner``; the 1-based epoch after which
+    ``should_prune`` first says yes, None when it never does."""
+    trial = optuna.create_study(direction="maximize", pruner=pruner).ask()
+    for epoch, value in enumerate(curve):
+        trial.report(value, epoch)
+        if trial.should_prune():
+            return epoch + 1
+    return None
+
+
+def test_the_zoo_studys_dead_after_2_waits_for_the_second_epoch():
+    """studies/cifar10-zoo.toml ships dead_after = 2: through the pruner make_pruner builds from that very file, a
+    trial at chance after its first epoch goes on, one still at chance after its second is pruned, one that learnt
+    by then is not (the file's median pruner alone prunes nothing: it has no complete trial to compare with)."""
+    spec = load_spec(ZOO)
+    assert spec.pruner["dead_after"] == 2
+    rule = dead_trial_rule(spec, 0.1)  # CIFAR-10's chance
+    assert rule is not None and rule.after == 2
+    pruner = make_pruner(spec, rule)
+    assert _pruned_after(pruner, [0.1, 0.1, 0.1, 0.1]) == 2, "a trial at chance must be pruned after epoch 2"
+    assert _pruned_after(pruner, [0.1, 0.5, 0.5, 0.5]) is None, "a trial at chance after epoch 1 only is not dead"
+    assert rule.reason(0, 0.1) is None
+    assert rule.reason(1, 0.1) == f"val accuracy 0.1000 after 2 epochs is at chance (below {rule.threshold:.4f})"
+    # The default (dead_after = 1) prunes the same trial an epoch earlier: the knob is what made the difference.
+    without = Path("zoo-default.toml")  # in the test's own directory (conftest's _isolated)
+    without.write_text(ZOO.read_text().replace(", dead_after = 2", ""))
+    default = load_spec(without)
+    assert _pruned_after(make_pruner(default, dead_trial_rule(default, 0.1)), [0.1, 0.5, 0.5, 0.5]) == 1
+
+
+def test_a_trial_at_chance_is_pruned_after_its_second_epoch_with_dead_after_2(run_cli, write_study):
+    extra = f'pruner = {{ type = "median", n_startup_trials = 100, {MARGIN}, dead_after = 2 }}'
+    path = write_study(text=study_text(epochs=5, n_trials=1, extra=extra, space=DEAD_SPACE, dataset=DATA))
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    [trial] = _trials()
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0, 1], "pruned after its second epoch, not its first nor later"
+    assert trial.user_attrs["dead"].startswith(f"val accuracy {trial.intermediate_values[1]:.4f} after 2 epochs "
+                                               "is at chance (below 0.")
+
+
 def test_dead_trial_knobs_are_validated(run_cli, write_study):
     result = run_cli("run", str(write_study(extra='pruner = { type = "median", dead_margin = 2 }')))
     assert result.code == 2

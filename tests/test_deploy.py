@@ -10,10 +10,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,8 @@ from optuna.trial import TrialState
 
 from hpsearch import cli
 from hpsearch.spec import load_spec
+from tests import epoch_log
+from tests.conftest import ONE_CONFIG_SPACE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -247,6 +251,110 @@ def test_worker_job_is_indexed_and_hands_over_on_sigterm():
     assert worker["args"][worker["args"].index("--threads") + 1] == worker["resources"]["limits"]["cpu"]
 
 
+def _worker_job_argv(study: str, *, in_process: bool = False) -> list[str]:
+    """The worker Job's own command line (the image's entrypoint is ``hpsearch``), joining ``study`` instead.
+    ``in_process``: without ``--threads``, which would set torch's threads for the rest of the test session."""
+    (worker,) = _k8s_doc("Job", "hpsearch-worker")["spec"]["template"]["spec"]["containers"]
+    args = list(worker["args"])
+    assert args[:2] == ["worker", "mnist-cluster"], args
+    if in_process and "--threads" in args:
+        del args[args.index("--threads"):args.index("--threads") + 2]
+    return ["worker", study, *args[2:]]
+
+
+HANDED_OVER = ("terminated (SIGTERM): trial 0 was marked FAIL and queued again; a worker resumes it from its last "
+               "checkpoint")
+
+
+def test_a_worker_ended_by_sigterm_hands_its_trial_to_the_next_worker(run_cli, write_study, tmp_path, monkeypatch):
+    """The hand-over the worker Job relies on, with its command line and its environment (the database and the
+    shared artifact store from HPSEARCH_STORAGE / HPSEARCH_ARTIFACTS): SIGTERM while trial 0 reports epoch 2 ends the
+    worker with exit 143 and one line, trial 0 FAIL and its retry queued (hpsearch.signals.retry_terminated); the
+    next worker resumes the retry from the checkpoint in the shared store and trains only the epochs after it."""
+    monkeypatch.setenv("HPSEARCH_STORAGE", "sqlite:///hpsearch.db")
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", str(tmp_path / "artifacts"))
+    path = write_study(n_trials=1, epochs=4, extra='pruner = "none"', space=ONE_CONFIG_SPACE)
+    assert run_cli("create", str(path)).code == 0  # the study Job
+    report = optuna.Trial.report
+    trained: dict[int, list[int]] = {}
+
+    def sigterm_at_epoch_2(self: optuna.Trial, value: float, step: int) -> None:
+        if self.number == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # raises here: epoch 2 is neither reported nor checkpointed
+        report(self, value, step)
+        trained.setdefault(self.number, []).append(step)
+
+    monkeypatch.setattr(optuna.Trial, "report", sigterm_at_epoch_2)
+    first = run_cli(*_worker_job_argv("tiny", in_process=True))
+    assert (first.code, first.err.strip()) == (143, HANDED_OVER), first
+    dead, retry = _study().get_trials()
+    assert (dead.state, retry.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert retry.system_attrs["retry_history"] == [0] and retry.params == dead.params
+    checkpoint = tmp_path / "artifacts" / dead.user_attrs["checkpoint"]
+    assert checkpoint.is_file()  # in the shared store, where the next worker (another pod) finds it
+
+    second = run_cli(*_worker_job_argv("tiny", in_process=True))
+    assert second.code == 0, second
+    dead, retry = _study().get_trials()
+    assert (dead.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert retry.user_attrs["resumed_after_epoch"] == 1
+    assert trained == {0: [0, 1], 1: [2, 3]}, f"epochs trained, by trial: {trained}"
+    assert [retry.intermediate_values[e] for e in (0, 1)] == [dead.intermediate_values[e] for e in (0, 1)]
+    assert not checkpoint.exists()  # removed once the retry's final state was stored
+
+
+@pytest.mark.slow  # two worker processes importing torch: about a minute on a loaded 2-core machine
+def test_a_worker_process_sigtermed_mid_trial_hands_over_to_a_second_process(run_cli, write_study, tmp_path,
+                                                                             monkeypatch):
+    """As above with real processes, SIGTERM sent from outside mid-epoch as Kubernetes sends it to a pod: the worker
+    exits 143 within the Job's terminationGracePeriodSeconds, and a second worker process finishes the trial."""
+    monkeypatch.setenv("HPSEARCH_STORAGE", "sqlite:///hpsearch.db")
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", str(tmp_path / "artifacts"))
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), epoch_log.ENV: str(tmp_path / "epochs")}
+    path = write_study(n_trials=1, epochs=4, extra='pruner = "none"', space=ONE_CONFIG_SPACE)
+    assert run_cli("create", str(path)).code == 0
+    grace = _k8s_doc("Job", "hpsearch-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+    def worker(epoch_seconds: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "epoch_log.py"), *_worker_job_argv("tiny")],
+                                cwd=tmp_path, env={**env, "CHAOS_EPOCH_SECONDS": epoch_seconds},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    victim = worker("1")  # epochs that last a second: the signal lands mid-trial
+    try:
+        deadline = time.monotonic() + 300
+        while not ((trials := _trials_or_none()) and len(trials[0].intermediate_values) >= 2):
+            assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()
+            time.sleep(0.2)
+        victim.send_signal(signal.SIGTERM)
+        out, err = victim.communicate(timeout=grace)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.communicate()
+    assert victim.returncode == 143, err
+    assert err.strip().splitlines()[-1] == HANDED_OVER and "Traceback" not in err, err
+    dead, retry = _study().get_trials()
+    assert (dead.state, retry.state) == (TrialState.FAIL, TrialState.WAITING)
+
+    successor = worker("0")
+    out, err = successor.communicate(timeout=300)
+    assert successor.returncode == 0, err
+    dead, retry = _study().get_trials()
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["retry_history"] == [0]
+    reported = len(dead.intermediate_values)
+    after = retry.user_attrs["resumed_after_epoch"]
+    assert after in (reported - 2, reported - 1)  # the last checkpoint (a signal between report and checkpoint)
+    assert epoch_log.read(tmp_path / "epochs")[retry.number] == list(range(after + 1, 4))  # only what was left
+
+
+def _trials_or_none() -> list[optuna.trial.FrozenTrial] | None:
+    try:
+        return _study().get_trials()
+    except Exception:  # SQLite busy while the worker writes: ask again
+        return None
+
+
 def test_study_job_waits_for_the_database_and_secrets_stay_in_the_secret():
     pod = _k8s_doc("Job", "hpsearch-study")["spec"]["template"]["spec"]
     (wait,) = pod["initContainers"]
@@ -417,7 +525,7 @@ def test_the_images_install_path_gives_a_working_hpsearch_entrypoint(tmp_path: P
     work = tmp_path / "work"
     work.mkdir()
     # The installed copy, not the repository (which deps.pth leaves off the path), is what runs below.
-    assert (next((venv / "lib").glob("python3*")) / "site-packages" / "hpsearch" / "cli.py").is_file()
+    assert (next((venv / "lib").glob("python3*")) / "site-packages" / "hpsearch" / "cli" / "__init__.py").is_file()
     study = write_study(name="image")
     out = subprocess.run([str(entry), "create", str(study), "--storage", "sqlite:///image.db"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=120)

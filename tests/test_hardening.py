@@ -283,8 +283,8 @@ def test_workers_get_the_storage_url_from_the_environment_not_argv(monkeypatch):
             return 0
 
     monkeypatch.setattr(launch_module.subprocess, "Popen", FakeProcess)
-    code = launch_module.launch("s", 2, torch.device("cpu"), storage=url, n_trials=5, timeout=None, data_dir=None,
-                                cache_dir=None, compile=False, out=io.StringIO())
+    code = launch_module.launch_workers("s", 2, torch.device("cpu"), storage=url, n_trials=5, timeout=None,
+                                        data_dir=None, cache_dir=None, compile=False, out=io.StringIO())
     assert code == 0 and len(started) == 2
     for cmd, env in started:
         assert not any("s3cret" in arg or "db.example" in arg for arg in cmd), cmd

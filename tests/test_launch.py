@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpsearch._errors import SpecError
-from hpsearch.launch import Slot, plan, run_workers, worker_command
+from hpsearch.launch import Slot, plan, start_and_wait, worker_command
 from hpsearch.storage import open_storage
 from tests.conftest import Result
 
@@ -90,20 +90,20 @@ class Sink:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU pinning is Linux-only")
-def test_run_workers_pins_each_process_prefixes_its_lines_and_returns_the_failing_code() -> None:
+def test_start_and_wait_pins_each_process_prefixes_its_lines_and_returns_the_failing_code() -> None:
     cores = sorted(os.sched_getaffinity(0))
     slots = [Slot("cpu", 1, (cores[0],)), Slot("cpu", 1, (cores[-1],))]
     show = "import os, sys; print(sorted(os.sched_getaffinity(0))); sys.exit({})"
     commands = [[sys.executable, "-c", show.format(0)], [sys.executable, "-c", show.format(3)]]
     sink = Sink()
-    assert run_workers(commands, slots, out=sink) == 3  # type: ignore[arg-type]
+    assert start_and_wait(commands, slots, out=sink) == 3  # type: ignore[arg-type]
     assert sorted(sink.lines) == sorted([f"[w0 cpu] [{cores[0]}]\n", f"[w1 cpu] [{cores[-1]}]\n"])
 
 
-def test_run_workers_returns_zero_when_all_succeed() -> None:
+def test_start_and_wait_returns_zero_when_all_succeed() -> None:
     slots = [Slot("cpu", 1, None), Slot("cpu", 1, None)]
     commands = [[sys.executable, "-c", "pass"]] * 2
-    assert run_workers(commands, slots, out=Sink()) == 0  # type: ignore[arg-type]
+    assert start_and_wait(commands, slots, out=Sink()) == 0  # type: ignore[arg-type]
 
 
 @pytest.mark.slow  # two extra Python processes importing torch: about 10 s

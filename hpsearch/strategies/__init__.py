@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from hpsearch.stopping import Rejected
 from hpsearch.strategies import finetune, scratch, zoo
-from hpsearch.strategies._base import Config, Rejected, Strategy, suggest_train, train_params
+from hpsearch.strategies._base import Config, Strategy, suggest_train, train_params
 
 STRATEGIES: dict[str, Strategy] = {
     "scratch": scratch.STRATEGY,

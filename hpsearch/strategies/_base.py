@@ -33,10 +33,6 @@ class Strategy:
     check: Callable[[Space], None] | None = None
 
 
-class Rejected(Exception):
-    """A sampled configuration that cannot train (e.g. its feature map shrinks below 1x1); the reason is stored."""
-
-
 def check_milestones(value: str) -> None:
     """``milestones``: "auto" or strictly increasing epoch numbers >= 1 separated by commas ("1,7")."""
     if value == "auto":

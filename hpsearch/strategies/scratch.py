@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import optuna
 import torch
@@ -21,7 +22,8 @@ import torch.nn as nn
 
 from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Param, Space
-from hpsearch.strategies._base import Rejected, Strategy, suggest_train, train_params
+from hpsearch.stopping import Rejected
+from hpsearch.strategies._base import Strategy, suggest_train, train_params
 from hpsearch.train import Built, TrainConfig
 
 PARAMS: dict[str, Param] = {
@@ -212,28 +214,30 @@ class Scale(nn.Module):
         return x * self.factor
 
 
+def _act(config: ScratchConfig) -> nn.Module:
+    return nn.GELU() if config.activation == "gelu" else nn.ReLU(inplace=True)
+
+
+def _conv(config: ScratchConfig, cin: int, cout: int, stride: int) -> nn.Conv2d:
+    layer = nn.Conv2d(cin, cout, config.kernel_size, stride=stride, padding=_pad(config), bias=not config.batch_norm)
+    if config.dirac_init:
+        with torch.no_grad():
+            nn.init.dirac_(layer.weight[: min(cin, cout)])
+    return layer
+
+
+def _norm(config: ScratchConfig, channels: int) -> list[nn.Module]:
+    if not config.batch_norm:
+        return []
+    bn = nn.BatchNorm2d(channels, momentum=config.bn_momentum)
+    bn.weight.requires_grad_(config.bn_scale)
+    return [bn]
+
+
 def build(config: ScratchConfig, info: DataInfo) -> Built:
     """The plain CNN's layers are one flat nn.Sequential, as they always were (models saved by ``evaluate --save``
     keep loading); the airbench-class keys add to it (a whitening conv first, a Residual per block, pooling)."""
-
-    def act() -> nn.Module:
-        return nn.GELU() if config.activation == "gelu" else nn.ReLU(inplace=True)
-
-    def conv(cin: int, cout: int, stride: int) -> nn.Conv2d:
-        layer = nn.Conv2d(cin, cout, config.kernel_size, stride=stride, padding=_pad(config),
-                          bias=not config.batch_norm)
-        if config.dirac_init:
-            with torch.no_grad():
-                nn.init.dirac_(layer.weight[: min(cin, cout)])
-        return layer
-
-    def norm(channels: int) -> list[nn.Module]:
-        if not config.batch_norm:
-            return []
-        bn = nn.BatchNorm2d(channels, momentum=config.bn_momentum)
-        bn.weight.requires_grad_(config.bn_scale)
-        return [bn]
-
+    act, norm = partial(_act, config), partial(_norm, config)
     layers: list[nn.Module] = []
     in_ch = info.channels
     whiten: nn.Conv2d | None = None
@@ -245,7 +249,7 @@ def build(config: ScratchConfig, info: DataInfo) -> Built:
     pool_layer = nn.MaxPool2d if config.pool == "max" else nn.AvgPool2d
     for block, out_ch in enumerate(config.channels):
         pool: list[nn.Module] = [pool_layer(config.pool_kernel)] if _pools(config, block) else []
-        first: list[nn.Module] = [conv(in_ch, out_ch, config.stride)]
+        first: list[nn.Module] = [_conv(config, in_ch, out_ch, config.stride)]
         if config.block_layout == "airbench":
             first += pool + norm(out_ch) + [act()]
             pool = []
@@ -253,7 +257,7 @@ def build(config: ScratchConfig, info: DataInfo) -> Built:
             first += norm(out_ch) + [act()]
         rest: list[nn.Module] = []
         for _ in range(config.block_convs - 1):
-            rest += [conv(out_ch, out_ch, 1)] + norm(out_ch) + [act()]
+            rest += [_conv(config, out_ch, out_ch, 1)] + norm(out_ch) + [act()]
         if config.residual and rest:
             rest = [Residual(nn.Sequential(*rest))]
         layers += first + rest + pool  # "classic": the pooling after the block's last conv

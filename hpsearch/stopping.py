@@ -1,0 +1,187 @@
+"""Why a trial stops early, in one place: the study's pruner, the dead-trial rule, the cost caps (``max_flops`` and
+``max_seconds_per_epoch``, before training and after each epoch), the last-epoch exemption, divergence and rejection.
+
+Each reason is stored as one user attribute whose name is the reason (``trials.STOP_REASONS``) and whose value is
+the sentence shown to the user; a cost cap also names itself in ``trials.COST_CAP_ATTR``. Whoever reads them
+(``hpsearch.trials``) never parses the sentence. Every stop raises ``optuna.TrialPruned``: pruned, not failed, so
+the sampler learns to avoid the region. Measuring (MACs, timed steps, an epoch's seconds) is the objective's work;
+judging what was measured is this module's. Free of torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import optuna
+
+from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS
+
+if TYPE_CHECKING:  # the spec pulls in the strategies and torch
+    from hpsearch.spec import StudySpec
+
+REJECTED, DEAD, OVER_COST, DIVERGED = STOP_REASONS  # the attribute names, one per reason
+
+
+# ---- rejection: refused before training (pruned for the sampler, not counted toward n_trials)
+
+class Rejected(Exception):
+    """A sampled configuration that cannot train (e.g. its feature map shrinks below 1x1); the reason is stored."""
+
+
+def reject(trial: optuna.Trial, why: str, *, cost_cap: str | None = None) -> NoReturn:
+    """Refuses the configuration before training: stored as ``rejected`` (and the cap that refused it, if any)."""
+    trial.set_user_attr(REJECTED, why)
+    if cost_cap is not None:
+        trial.set_user_attr(COST_CAP_ATTR, cost_cap)
+    raise optuna.TrialPruned(f"rejected before training: {why}")
+
+
+# ---- the cost caps
+
+def refuse_over_max_flops(trial: optuna.Trial, macs: int, max_flops: int) -> None:
+    """``max_flops``, before any training: multiply-accumulates of one image through the model (stored)."""
+    trial.set_user_attr("macs", macs)
+    if macs > max_flops:
+        reject(trial, f"{macs:,} MACs per image, over max_flops = {max_flops:,}", cost_cap="max_flops")
+
+
+def refuse_slow_epoch(trial: optuna.Trial, estimate: float, cap: float) -> None:
+    """``max_seconds_per_epoch``, before any training: an epoch of the study's own training estimated from a few
+    timed steps (an estimate that errs low, on the cost clock: devices.cost_clock)."""
+    trial.set_user_attr("estimated_seconds_per_epoch", round(estimate, 3))
+    if estimate > cap:
+        reject(trial, f"estimated {estimate:.1f} s per epoch from timed steps, over max_seconds_per_epoch = {cap:g}",
+               cost_cap="max_seconds_per_epoch")
+
+
+# ---- the dead-trial rule
+
+@dataclass(frozen=True)
+class DeadTrialRule:
+    """A trial whose validation accuracy is below ``threshold`` (chance plus a margin) after ``after`` epochs
+    learns nothing: it is pruned at once instead of spending its whole budget at chance."""
+
+    threshold: float
+    after: int  # epochs
+
+    def reason(self, epoch: int, value: float) -> str | None:
+        """Why the trial is dead after 0-based ``epoch`` with validation accuracy ``value``; None when it is not."""
+        if epoch + 1 < self.after or value >= self.threshold:
+            return None
+        return f"val accuracy {value:.4f} after {epoch + 1} epochs is at chance (below {self.threshold:.4f})"
+
+
+DEAD_MARGIN = 0.02  # accuracy points above chance a trial must reach ...
+DEAD_AFTER = 1  # ... after this many epochs
+
+
+def dead_trial_rule(spec: StudySpec, chance: float) -> DeadTrialRule | None:
+    """The study's dead-trial rule for a validation split where always guessing one class scores ``chance``;
+    None when the study turns it off (``pruner = "none"`` or ``dead_trial = false``)."""
+    threshold = chance + spec.pruner.get("dead_margin", DEAD_MARGIN)
+    # A validation split (nearly) all of one class gives chance no meaning: nothing could beat the threshold.
+    if spec.pruner["type"] == "none" or not spec.pruner.get("dead_trial", True) or threshold >= 1:
+        return None
+    return DeadTrialRule(threshold=threshold, after=spec.pruner.get("dead_after", DEAD_AFTER))
+
+
+# ---- the study's pruner
+
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive-halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+}
+
+
+def rung_step(spec: StudySpec, k: int) -> int:
+    """The step rung ``k``'s value is reported at: ``reduction_factor ** k``, where Optuna's successive-halving
+    pruner (min_resource 1) holds its k-th promotion."""
+    return int(spec.pruner.get("reduction_factor", 3)) ** k
+
+
+def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pruners.BasePruner:
+    from hpsearch.spec import DEAD_KNOBS
+
+    knobs = {k: v for k, v in spec.pruner.items() if k != "type" and k not in DEAD_KNOBS}
+    kind = spec.pruner["type"]
+    if spec.rungs:
+        # Each rung is one step (rung_step). No dead-trial rule: a rung is short by design (objective.stages).
+        if kind == "none":
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, min_early_stopping_rate=0, **knobs)
+    if kind == "percentile":
+        knobs = {"percentile": 25.0, **knobs}
+    if kind == "hyperband":
+        # Steps are epochs, so a trial's full budget is known: hyperband needs no "auto" guess.
+        knobs = {"max_resource": spec.epochs, **knobs}
+    if dead is None:
+        return PRUNERS[kind](**knobs)
+    return _with_dead_trials(PRUNERS[kind])(dead=dead, **knobs)
+
+
+def _with_dead_trials(base: type[optuna.pruners.BasePruner]) -> Any:
+    """``base`` that also prunes dead trials with Optuna's ThresholdPruner. A subclass rather than a wrapper:
+    Optuna shows samplers Hyperband's per-bracket trials only when ``isinstance(pruner, HyperbandPruner)``."""
+
+    class WithDeadTrials(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *, dead: DeadTrialRule, **knobs: Any) -> None:
+            super().__init__(**knobs)
+            self._dead = optuna.pruners.ThresholdPruner(lower=dead.threshold, n_warmup_steps=dead.after - 1)
+
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            return self._dead.prune(study, trial) or super().prune(study, trial)
+
+    return WithDeadTrials
+
+
+# ---- during training
+
+@dataclass(frozen=True)
+class EpochRules:
+    """What may stop a trial after one of its epochs (its value already reported): the last-epoch exemption, then
+    ``max_seconds_per_epoch``, then the study's pruner (which applies the dead-trial rule too)."""
+
+    max_seconds_per_epoch: float | None
+    dead: DeadTrialRule | None
+
+    def after_epoch(self, trial: optuna.Trial, *, epoch: int, epochs: int, value: float, seconds: float,
+                    rung: int | None, pruner_judges: bool) -> None:
+        """Raises TrialPruned to stop the trial after 0-based ``epoch`` of ``epochs``. ``seconds``: what the epoch
+        stands for in the study's own training; ``rung``: the rung it belongs to when it trained on fewer images.
+        ``pruner_judges``: whether the epoch was reported to the pruner (with rungs, successive halving judges each
+        rung's end instead: a rung is short by design, and a trial still at chance in its first steps is not dead)."""
+        if epoch + 1 == epochs:
+            # Trained to the end: pruning now would save nothing and throw the finished trial away (with 10
+            # epochs, Hyperband at min_resource 1 and reduction factor 3 has its top rung at the last epoch).
+            # A rung's end is judged by its report (after_rung).
+            return
+        cap = self.max_seconds_per_epoch
+        if cap is not None and seconds > cap:  # its value is reported, the rest is not paid for
+            over = (f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}" if rung is None
+                    else f"an epoch of rung {rung} stands for {seconds:.1f} s of the study's own, over "
+                         f"max_seconds_per_epoch = {cap:g}")
+            trial.set_user_attr(OVER_COST, over)
+            trial.set_user_attr(COST_CAP_ATTR, "max_seconds_per_epoch")
+            raise optuna.TrialPruned(over)
+        if not pruner_judges or not trial.should_prune():
+            return
+        why = None if self.dead is None else self.dead.reason(epoch, value)
+        if why is not None:
+            trial.set_user_attr(DEAD, why)
+        raise optuna.TrialPruned(why or f"pruned at epoch {epoch} with val accuracy {value:.4f}")
+
+
+def after_rung(trial: optuna.Trial, k: int, value: float) -> None:
+    """Successive halving's judgement of rung ``k``'s reported value: TrialPruned when it is not promoted."""
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"not promoted after rung {k} with val accuracy {value:.4f}")
+
+
+def diverged(trial: optuna.Trial, error: Exception) -> optuna.TrialPruned:
+    """The training loss became NaN or infinite (train.Diverged): stored, and the exception to raise."""
+    trial.set_user_attr(DIVERGED, str(error))
+    return optuna.TrialPruned(f"diverged: {error}")

@@ -28,12 +28,14 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
+from hpsearch.accuracy import accuracy_on  # noqa: E402
 from hpsearch.artifacts import open_artifact_store  # noqa: E402
 from hpsearch.data import Data, DataInfo, Split  # noqa: E402
 from hpsearch.devices import configure_threads  # noqa: E402
 from hpsearch.explain import TrialExplainer, summarize  # noqa: E402
 from hpsearch.strategies.scratch import ScratchConfig, build  # noqa: E402
-from hpsearch.train import BatchPrep, Built, TrainConfig, evaluate, fit  # noqa: E402
+from hpsearch.train import BatchPrep, fit  # noqa: E402
+from hpsearch.train_types import Built, TrainConfig  # noqa: E402
 
 TRAIN, VAL, CLASSES = 45_000, 5_000, 10
 CONFIG = TrainConfig(epochs=1, batch_size=64, optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9)
@@ -79,8 +81,8 @@ def main() -> None:
     model = built.model.to(memory_format=torch.channels_last)
     prep = BatchPrep(data, built, device)
     conf = torch.zeros(CLASSES * CLASSES, dtype=torch.int64)
-    plain = best_of(args.repeats * 2, lambda: evaluate(model, data.val, prep, device))
-    counted = best_of(args.repeats * 2, lambda: evaluate(model, data.val, prep, device, confusion=conf))
+    plain = best_of(args.repeats * 2, lambda: accuracy_on(model, data.val, prep, device))
+    counted = best_of(args.repeats * 2, lambda: accuracy_on(model, data.val, prep, device, confusion=conf))
     print(f"evaluation of {VAL} images: {plain * 1e3:.1f} ms plain, {counted * 1e3:.1f} ms with confusion counts "
           f"(+{(counted - plain) * 1e3:.1f} ms per epoch)")
     epoch = (measured - counted) * TRAIN / args.train + counted

@@ -26,7 +26,8 @@ from hpsearch import data as datasets
 from hpsearch import feature_cache
 from hpsearch.devices import configure_threads, resolve_device
 from hpsearch.strategies import finetune
-from hpsearch.train import FitResult, TrainConfig, fit
+from hpsearch.train import fit
+from hpsearch.train_types import FitResult, TrainConfig
 
 
 def run(config: finetune.FinetuneConfig, data: datasets.Data, device: torch.device, *,

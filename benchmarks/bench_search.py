@@ -53,7 +53,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
 from hpsearch import results  # noqa: E402
-from hpsearch.study import DEAD_MARGIN  # noqa: E402
+from hpsearch.stopping import DEAD_MARGIN  # noqa: E402
 from hpsearch.trials import ending, is_rejected  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,7 +53,7 @@ def child(threads: int, steps: int, model_name: str, load_aware: bool) -> None:
     else:
         import optuna
 
-        from hpsearch.evaluate import replay
+        from hpsearch.saved_model import replay
         from hpsearch.spec import load_spec
         from hpsearch.strategies.scratch import build, suggest
 

@@ -35,12 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 from hpsearch.data import Data, DataInfo, Split, default_cache_dir, read_raw  # noqa: E402
 from hpsearch.data import _readers as readers  # noqa: E402
 from hpsearch.devices import choose_precision, configure_threads, cpu_bf16_native, resolve_device  # noqa: E402
-from hpsearch.evaluate import replay  # noqa: E402
+from hpsearch.preprocess import channels_last  # noqa: E402
+from hpsearch.saved_model import replay  # noqa: E402
 from hpsearch.spec import load_spec, spec_from_dict, split_row  # noqa: E402
 from hpsearch.storage import open_storage  # noqa: E402
 from hpsearch.strategies.scratch import ScratchConfig, build, suggest  # noqa: E402
 from hpsearch.study import open_study, run_trials  # noqa: E402
-from hpsearch.train import PROBE_BATCH, Built, TrainConfig, channels_last, fit, probe_steps  # noqa: E402
+from hpsearch.train import PROBE_BATCH, fit, probe_steps  # noqa: E402
+from hpsearch.train_types import Built, TrainConfig  # noqa: E402
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BATCH = 64  # the report's batch size, both pipelines

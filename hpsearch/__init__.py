@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(spec, name)
     if name == "load_model":
-        from hpsearch.evaluate import load_model
+        from hpsearch.saved_model import load_model
 
         return load_model
     raise AttributeError(f"module 'hpsearch' has no attribute {name!r}")

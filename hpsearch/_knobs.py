@@ -1,7 +1,7 @@
 """The samplers and pruners a study file may name, the knobs each accepts from its table form
 (``[pruner] type = "median"  n_warmup_steps = 2``), and the one reader of that form (``algorithm``).
 
-Free of torch; ``hpsearch.spec`` re-exports the tables.
+Free of torch; ``hpsearch.spec`` and ``hpsearch.stopping`` read the tables from here.
 """
 
 from __future__ import annotations

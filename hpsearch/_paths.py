@@ -19,12 +19,12 @@ def default_cache_dir() -> Path:
 
 def write_atomically(path: Path, data: bytes | str) -> None:
     """Write ``data`` (str: as UTF-8) to ``path`` whole or not at all: a temporary file beside it, then a rename. A
-    reader never sees a half-written file, and a failure (full disk, no permission) leaves neither a partial ``path``
-    nor the temporary file. OSError propagates: each caller words its own one-line error naming the file."""
+    reader never sees a half-written file, and a failure (full disk, no permission, a missing folder: none is made)
+    leaves neither a partial ``path`` nor the temporary file. OSError propagates: each caller words its own one-line
+    error naming the file."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(payload)
         tmp.replace(path)
     finally:

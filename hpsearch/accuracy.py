@@ -37,7 +37,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str, *, flip: bool) -> to
     return 0.5 * mirrored(x) + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
 
 
-def evaluate(model: nn.Module, split: Split, prep: Callable[[torch.Tensor], torch.Tensor],
+def accuracy_on(model: nn.Module, split: Split, prep: Callable[[torch.Tensor], torch.Tensor],
              device: torch.device, *, confusion: torch.Tensor | None = None,
              amp: torch.dtype | None | str = DEVICE_DEFAULT, tta: str = "none", flip: bool = True) -> float:
     """Accuracy on ``split`` (in the training's precision ``amp``, with test-time augmentation ``tta``); with

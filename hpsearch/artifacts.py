@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 
 from hpsearch._attrs import SPEC_ATTR
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch.trials import best_first
 
 ARTIFACTS_ATTR = "hpsearch:artifacts"  # the store's location, when one was given
 STUDY_ID_ATTR = "hpsearch:study_id"  # a UUID: checkpoints of this study live under it
@@ -224,9 +225,8 @@ def checkpoints_after_trial(store: ArtifactStore, *, keep_best: int = 0
         if checkpoint is None:
             return
         if keep_best > 0 and trial.state == TrialState.COMPLETE:
-            complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                        if CHECKPOINT_ATTR in t.user_attrs]
-            ranked = sorted(complete, key=lambda t: (-(t.value or 0.0), t.number))
+            ranked = best_first(t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                                if CHECKPOINT_ATTR in t.user_attrs)
             if trial.number in {t.number for t in ranked[:keep_best]}:
                 if len(ranked) > keep_best:  # only one can drop out per finished trial
                     remove_checkpoint(store, ranked[keep_best].user_attrs[CHECKPOINT_ATTR])

@@ -36,19 +36,15 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import trials as trial_facts
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._preflight import check_writable_dir
-from hpsearch.accuracy import evaluate as accuracy_on
+from hpsearch.accuracy import accuracy_on
 from hpsearch.data import Final, load_final
 from hpsearch.devices import choose_precision, precision_candidates, precision_name
 from hpsearch.results import attr_key, stored
-from hpsearch.saved_model import MODEL_FORMAT, Classifier, built_info, load_model, replay, save_model, write_saved
+from hpsearch.saved_model import built_info, replay, save_model, write_saved
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES
-from hpsearch.train import PROBE_BATCH, BatchPrep, Diverged, FitResult, fit, probe_steps
-
-__all__ = [  # the saved model's names stay importable from here (their home is hpsearch.saved_model)
-    "EPOCH_MODES", "MODEL_FORMAT", "STARTED_ATTR", "Classifier", "Row", "built_info", "check_options", "chosen",
-    "epochs_for", "eval_seed", "evaluate_study", "load_model", "ranked", "replay", "save_model",
-]
+from hpsearch.train import PROBE_BATCH, BatchPrep, fit, probe_steps
+from hpsearch.train_types import Diverged, FitResult
 
 EPOCH_MODES = ("best", "max")
 STARTED_ATTR = "hpsearch:evaluate_started"  # study user attr: when the last evaluate began (UTC)

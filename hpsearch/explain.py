@@ -4,7 +4,7 @@ store while the trial is still RUNNING (optuna-dashboard refuses uploads to fini
 
 Costs (see benchmarks/README.md): one batch-1 forward pass with hooks and torch's FLOP counter before training,
 and two small matplotlib figures plus a few storage writes when the trial ends; the confusion counts come from
-``train.evaluate``.
+``accuracy.accuracy_on``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from optuna.artifacts import upload_artifact
 from hpsearch.artifacts import store_location
 from hpsearch.data import DataInfo
 from hpsearch.spec import StudySpec
-from hpsearch.train import Built, FitResult
+from hpsearch.train_types import Built, FitResult
 
 # Optuna's ArtifactStore protocol lives in a private module: any object with open_reader/write/remove will do.
 ArtifactStore = Any

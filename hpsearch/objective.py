@@ -35,7 +35,8 @@ from hpsearch.spec import StudySpec
 from hpsearch.stopping import DeadTrialRule, EpochRules, Rejected, rung_step
 from hpsearch.strategies import STRATEGIES
 from hpsearch.study import check_study, study_identity
-from hpsearch.train import PROBE_BATCH, Built, Diverged, FitResult, fit, probe_steps
+from hpsearch.train import PROBE_BATCH, fit, probe_steps
+from hpsearch.train_types import Built, Diverged, FitResult
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
 Progress = Callable[[int, int, int, float], None]

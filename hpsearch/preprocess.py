@@ -3,8 +3,8 @@
 uint8 (or 0..255 float) images [B, C, H, W] -> x/255 normalised per channel -> resized (bilinear) to the model's
 square input size when it has one. The statistics are the model's own where its strategy gives them (a pretrained
 backbone's), else the dataset's. ``train.BatchPrep`` runs ``normalise`` after the augmentation;
-``evaluate.Classifier`` (hence ``load_model`` and every exported file) runs it on the constants ``save_model`` stored:
-a saved model sees its inputs exactly as training did (tests/test_preprocess.py holds the two equal).
+``saved_model.Classifier`` (hence ``load_model`` and every exported file) runs it on the constants ``save_model``
+stored: a saved model sees its inputs exactly as training did (tests/test_preprocess.py holds the two equal).
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ def save_model(model: nn.Module, pipeline: dict[str, Any], trial: FrozenTrial, s
 def write_saved(path: Path, data: bytes) -> None:
     """One file of a saved model, whole or not at all; a failure is one HpsearchError line naming it."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, data)
     except OSError as e:
         raise HpsearchError(f"--save: cannot write {str(path)!r} ({e.strerror or e}); the test accuracy is stored, "

@@ -2,7 +2,7 @@
 
 ``make_optimizer`` and ``make_scheduler`` read a TrainConfig; ``linear`` is airbench94's per-step triangle, the
 other schedules step once per epoch (``per_step``). ``WeightAverage`` (ema or lookahead) leaves the average in the
-model at the end of every epoch. ``train.fit`` drives all three; ``train`` re-exports these names.
+model at the end of every epoch. ``train.fit`` drives all three.
 """
 
 from __future__ import annotations

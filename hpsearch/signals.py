@@ -13,13 +13,14 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 import optuna
 from optuna.trial import TrialState
+
+from hpsearch._optuna import quiet_experimental
 
 EXIT_CODE = 128 + signal.SIGTERM
 
@@ -111,8 +112,7 @@ def retry_terminated(study: optuna.Study, term: Terminated, *, max_retry: int) -
                   if t.number == term.trial_number), None)
     if trial is None:
         return  # Optuna could not store FAIL (database gone): its heartbeat goes stale and it is retried then
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with quiet_experimental():
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry,
                                                                      inherit_intermediate_values=True)
         before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hpsearch._errors import SpecError
-from hpsearch._knobs import DEAD_KNOBS as DEAD_KNOBS  # re-exported: the knob tables live in hpsearch._knobs
 from hpsearch._knobs import PRUNER_KNOBS, SAMPLER_KNOBS, Fail, algorithm, check_rung_pruner
-from hpsearch._knobs import Knob as Knob
 from hpsearch._secrets import redact_url
 from hpsearch.data import check_dataset_name
 from hpsearch.space import Space, resolve_space
@@ -27,7 +25,7 @@ ENQUEUE_META = ("label", "paper_accuracy")
 TOP_KEYS = ("name", "dataset", "strategy", "epochs", "n_trials", "timeout", "max_seconds_per_epoch", "max_flops",
             "val_fraction", "train_fraction",
             "sampler", "pruner", "seed", "tta", "rungs", "final", "target", "warm_start", "space", "enqueue")
-TTA_LEVELS = ("none", "flip", "flip-translate")  # hpsearch.train.tta_logits
+TTA_LEVELS = ("none", "flip", "flip-translate")  # hpsearch.accuracy.tta_logits
 MAX_RUNGS = 8
 # May change between runs of the same study without --force: the budget, the final training (evaluate's), the target
 # that ends the study early, and the warm start (read only when the study is created).

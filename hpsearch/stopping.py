@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 
+from hpsearch._knobs import DEAD_KNOBS
 from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch
@@ -104,8 +105,6 @@ def rung_step(spec: StudySpec, k: int) -> int:
 
 
 def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pruners.BasePruner:
-    from hpsearch.spec import DEAD_KNOBS
-
     knobs = {k: v for k, v in spec.pruner.items() if k != "type" and k not in DEAD_KNOBS}
     kind = spec.pruner["type"]
     if spec.rungs:
@@ -182,6 +181,6 @@ def after_rung(trial: optuna.Trial, k: int, value: float) -> None:
 
 
 def diverged(trial: optuna.Trial, error: Exception) -> optuna.TrialPruned:
-    """The training loss became NaN or infinite (train.Diverged): stored, and the exception to raise."""
+    """The training loss became NaN or infinite (train_types.Diverged): stored, and the exception to raise."""
     trial.set_user_attr(DIVERGED, str(error))
     return optuna.TrialPruned(f"diverged: {error}")

@@ -1,8 +1,7 @@
 """Opening a study from a spec (stored on the study so workers can join by name) and running trials.
 
 The sampler (``samplers``), why a trial stops early (``stopping``), the warm start (``warm_start``) and which errors
-mean a lost database (``_db_errors``) have their own modules; the names other modules import from here are
-re-exported (``import X as X``).
+mean a lost database (``_db_errors``) have their own modules: import those names from there.
 """
 
 from __future__ import annotations
@@ -18,21 +17,13 @@ import optuna
 from optuna.trial import TrialState
 
 from hpsearch._attrs import SPEC_ATTR
-from hpsearch._db_errors import database_error as database_error
 from hpsearch._db_errors import lost_database as _lost_database
 from hpsearch._db_errors import taken_over
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._optuna import quiet_expected_logs, quiet_experimental
-from hpsearch.samplers import EnqueuedOnly as EnqueuedOnly
 from hpsearch.samplers import make_sampler
-from hpsearch.stopping import DEAD_AFTER as DEAD_AFTER
-from hpsearch.stopping import DEAD_MARGIN as DEAD_MARGIN
-from hpsearch.stopping import PRUNERS as PRUNERS
 from hpsearch.stopping import DeadTrialRule, make_pruner
-from hpsearch.stopping import dead_trial_rule as dead_trial_rule
-from hpsearch.stopping import rung_step as rung_step
 from hpsearch.trials import count_finished, is_rejected
-from hpsearch.warm_start import WARM_START_ATTR as WARM_START_ATTR
 from hpsearch.warm_start import enqueue as enqueue_warm_start
 from hpsearch.warm_start import warm_start_rows
 

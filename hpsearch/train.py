@@ -3,7 +3,7 @@ normalisation fused into the batch step, evaluation under inference_mode, one ho
 
 ``fit`` gets every hyperparameter as an argument (a TrainConfig): nothing is read from globals. Its parts live beside
 it: the input pipeline in ``preprocess``, the optimizer, schedules and weight averaging in ``schedules``, the
-accuracy on a split in ``accuracy``; their names are re-exported here for the modules that import them from train.
+accuracy on a split in ``accuracy``, the types it takes and returns in ``train_types``: import them from there.
 """
 
 from __future__ import annotations
@@ -19,28 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpsearch.accuracy import EVAL_BATCH, evaluate, tta_logits
+from hpsearch.accuracy import accuracy_on
 from hpsearch.augment import augment
 from hpsearch.data import Data
 from hpsearch.devices import DEVICE_DEFAULT, LoadAwareThreads, cost_clock, resolve_amp
 from hpsearch.preprocess import InputPipeline, channels_last, normalise
-from hpsearch.schedules import (
-    SCHEDULERS,
-    WeightAverage,
-    end_of_epoch,
-    linear_schedule,
-    make_optimizer,
-    make_scheduler,
-    per_step,
-)
-from hpsearch.train_types import AVERAGING, TTA_LEVELS, Built, Diverged, EpochHook, FitResult, Precomputed, TrainConfig
-
-__all__ = [  # the names other modules import from here, wherever they are defined
-    "AVERAGING", "DEVICE_DEFAULT", "EVAL_BATCH", "PROBE_BATCH", "SCHEDULERS", "TTA_LEVELS",
-    "BatchPrep", "Built", "Diverged", "EpochHook", "FitResult", "Precomputed", "Probe", "TrainConfig",
-    "WeightAverage", "channels_last", "estimate_epoch_seconds", "evaluate", "fit", "linear_schedule",
-    "make_optimizer", "make_scheduler", "per_step", "probe_steps", "tta_logits",
-]
+from hpsearch.schedules import WeightAverage, end_of_epoch, make_optimizer, make_scheduler, per_step
+from hpsearch.train_types import Built, Diverged, EpochHook, FitResult, TrainConfig
 
 
 class BatchPrep:
@@ -215,10 +200,10 @@ class _Training:
         last = epoch + 1 == self.config.epochs
         live = self.average.end_epoch()
         val = self.data.val
-        val_acc = evaluate(forward, val, self.prep, self.device, confusion=self.confusion, amp=self.amp)
+        val_acc = accuracy_on(forward, val, self.prep, self.device, confusion=self.confusion, amp=self.amp)
         if last and tta != "none":
-            result.final_accuracy = evaluate(forward, val, self.prep, self.device, amp=self.amp, tta=tta,
-                                             flip=self.data.info.flip)
+            result.final_accuracy = accuracy_on(forward, val, self.prep, self.device, amp=self.amp, tta=tta,
+                                                flip=self.data.info.flip)
         if not last:
             self.average.resume_epoch(live)  # ema: training (and its checkpoint) goes on from the live weights
         end_of_epoch(self.scheduler, self.config, val_acc)

@@ -1,6 +1,6 @@
 """What training is given and gives back: a configuration's training hyperparameters (TrainConfig), what a
 strategy builds (Built), and the curves ``train.fit`` returns (FitResult). Plain data with no training code, so the
-strategies, the schedules and the input pipeline read them without importing ``train`` (which re-exports them).
+strategies, the schedules and the input pipeline read them without importing ``train``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from hpsearch import objective
 from hpsearch.data import load
-from hpsearch.evaluate import replay
+from hpsearch.saved_model import replay
 from hpsearch.space import resolve_space
 from hpsearch.strategies.scratch import PARAMS, build, suggest
 from hpsearch.train import estimate_epoch_seconds

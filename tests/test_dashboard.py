@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 
 from hpsearch import cli
-from hpsearch.dashboard import ARTIFACTS_ATTR, PLACEHOLDER_WIDTH, StudiesArtifactStore
+from hpsearch.accuracy import accuracy_on
+from hpsearch.artifacts import ARTIFACTS_ATTR
+from hpsearch.dashboard import PLACEHOLDER_WIDTH, StudiesArtifactStore
 from hpsearch.explain import TrialExplainer, compute_line, summarize, training_seconds_by_device
 from hpsearch.launch import Slot, worker_command
-from hpsearch.train import evaluate
 from tests.conftest import spawn_cli, study_text
 
 NOTE_HEADER = "| layer | type | output shape | params | trainable |"
@@ -230,7 +231,7 @@ def test_explainer_survives_a_model_it_cannot_summarize(tmp_path: Path) -> None:
 
     from hpsearch.artifacts import open_artifact_store
     from hpsearch.data import DataInfo
-    from hpsearch.train import Built, FitResult
+    from hpsearch.train_types import Built, FitResult
 
     info = DataInfo(name="x", channels=1, height=2, width=2, num_classes=4, mean=(0.5,), std=(0.5,), flip=False,
                     classes=("a", "b", "c", "d"))
@@ -255,7 +256,7 @@ def test_evaluate_fills_the_confusion_counts() -> None:
     pred = torch.tensor([0, 1, 1, 2, 0, 2])
     split = Split(x=torch.nn.functional.one_hot(pred, 3).float().view(6, 3, 1, 1), y=y)
     confusion = torch.full((9,), 7, dtype=torch.int64)  # stale counts are cleared
-    acc = evaluate(nn.Flatten(), split, lambda x: x, torch.device("cpu"), confusion=confusion)
+    acc = accuracy_on(nn.Flatten(), split, lambda x: x, torch.device("cpu"), confusion=confusion)
     assert acc == 4 / 6
     assert confusion.view(3, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from hpsearch import objective
 from hpsearch.spec import load_spec
-from hpsearch.study import DeadTrialRule, dead_trial_rule, make_pruner
+from hpsearch.stopping import DeadTrialRule, dead_trial_rule, make_pruner
 from tests.conftest import fake_probe, study_text
 
 DATA = 'dataset = "synthetic:classes=4,size=12,train=800,test=32"'

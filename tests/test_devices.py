@@ -7,7 +7,9 @@ import torch
 
 from hpsearch._errors import SpecError
 from hpsearch.devices import autocast_dtype, configure_threads, resolve_device
-from hpsearch.train import BatchPrep, Built, channels_last
+from hpsearch.preprocess import channels_last
+from hpsearch.train import BatchPrep
+from hpsearch.train_types import Built
 
 
 def test_autocast_is_off_on_cpu_and_mps() -> None:
@@ -65,12 +67,13 @@ def test_batch_prep_normalises_uint8_in_one_step_into_channels_last_on_cpu() -> 
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     assert out.dtype == torch.float32
     assert torch.allclose(out, (x.float() / 255 - mean) / std, atol=1e-5)
-    assert out.is_contiguous(memory_format=torch.channels_last)  # measured faster on CPU too (train.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # measured faster on CPU too (preprocess.channels_last)
     assert not channels_last(torch.device("mps"))
 
 
 def test_optimizers_on_cpu_keep_torch_defaults_fused_only_on_cuda() -> None:
-    from hpsearch.train import TrainConfig, make_optimizer
+    from hpsearch.schedules import make_optimizer
+    from hpsearch.train_types import TrainConfig
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     for name in ("sgd", "adam", "adamw"):

@@ -144,7 +144,7 @@ def test_unknown_study(run_cli, write_study):
 
 def test_replay_fills_parameters_older_trials_did_not_store(write_study):
     from hpsearch import load_spec
-    from hpsearch.evaluate import replay
+    from hpsearch.saved_model import replay
     from hpsearch.strategies import STRATEGIES
 
     spec = load_spec(write_study(space='[space]\nscheduler = "multistep"\npool = "max"\n'))

@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 from hpsearch import augment as aug
 from hpsearch import train
+from hpsearch.accuracy import tta_logits
 from hpsearch.data import Data, DataInfo, Split, load
-from hpsearch.evaluate import replay
 from hpsearch.explain import summarize
+from hpsearch.saved_model import replay
+from hpsearch.schedules import WeightAverage, linear_schedule
 from hpsearch.space import resolve_space
 from hpsearch.strategies.scratch import PARAMS, Residual, build, feature_size, init_whitening, suggest
-from hpsearch.train import WeightAverage, fit, linear_schedule, tta_logits
+from hpsearch.train import fit
 from tests.conftest import study_text
 
 CPU = torch.device("cpu")
@@ -285,14 +287,14 @@ def test_tta_is_a_study_setting_not_a_sampled_parameter(run_cli, write_study, mo
     result = run_cli("run", str(bad))
     assert result.code == 2 and "space.tta: unknown key" in result.err, result
     calls: list[tuple[str, float]] = []
-    real = train.evaluate
+    real = train.accuracy_on
 
     def recording(*args, tta="none", **kwargs):
         value = real(*args, tta=tta, **kwargs)
         calls.append((tta, value))
         return value
 
-    monkeypatch.setattr(train, "evaluate", recording)
+    monkeypatch.setattr(train, "accuracy_on", recording)
     good = write_study(text=study_text(n_trials=2, epochs=2, extra='tta = "flip"\npruner = "none"'))
     assert run_cli("run", str(good)).code == 0
     study = optuna.load_study(study_name="tiny", storage="sqlite:///hpsearch.db")

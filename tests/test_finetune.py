@@ -17,9 +17,11 @@ import torchvision.models as tvm
 from hpsearch import feature_cache
 from hpsearch._errors import HpsearchError, SpecError
 from hpsearch.data import Data, load
+from hpsearch.schedules import make_optimizer
 from hpsearch.spec import load_spec
 from hpsearch.strategies import finetune
-from hpsearch.train import BatchPrep, TrainConfig, fit, make_optimizer
+from hpsearch.train import BatchPrep, fit
+from hpsearch.train_types import TrainConfig
 
 STUDIES = Path(__file__).parent.parent / "studies"
 TRAIN = TrainConfig(epochs=1, batch_size=16, optimizer="sgd", lr=0.05, weight_decay=0.0, momentum=0.9)

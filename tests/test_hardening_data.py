@@ -115,7 +115,7 @@ def test_folder_with_images_in_one_class_only_is_refused(tmp_path: Path):
 def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real ``evaluate --save`` pair (.pt and .json), written by save_model without training (fast)."""
     import hpsearch
-    from hpsearch.evaluate import built_info, save_model
+    from hpsearch.saved_model import built_info, save_model
     from hpsearch.spec import spec_from_dict
     from hpsearch.strategies import STRATEGIES
 

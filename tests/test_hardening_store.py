@@ -20,6 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch import artifacts
+from hpsearch._errors import HpsearchError
 from tests.conftest import ONE_CONFIG_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
@@ -244,7 +245,7 @@ def test_the_s3_store_check_uses_a_short_timeout(no_aws, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(boto3.session.Session, "client", client)
-    with pytest.raises(artifacts.HpsearchError):
+    with pytest.raises(HpsearchError):
         artifacts.open_artifact_store("s3://hps/x")
     check = configs[0]
     assert check is not None and check.connect_timeout <= 5 and check.retries["total_max_attempts"] <= 2

@@ -11,7 +11,7 @@ from hpsearch import devices, objective
 from hpsearch._errors import SpecError
 from hpsearch.data import load
 from hpsearch.devices import check_precision, choose_precision, precision_candidates
-from hpsearch.evaluate import load_model, replay
+from hpsearch.saved_model import load_model, replay
 from hpsearch.space import resolve_space
 from hpsearch.strategies.scratch import PARAMS, build, suggest
 from hpsearch.train import Probe, fit

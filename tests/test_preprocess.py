@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import hpsearch
 from hpsearch.data import load
-from hpsearch.evaluate import built_info, save_model
+from hpsearch.saved_model import built_info, save_model
 from hpsearch.spec import spec_from_dict
 from hpsearch.strategies import STRATEGIES
 from hpsearch.train import BatchPrep

@@ -115,8 +115,8 @@ def test_proxy_refuses_a_taken_port_and_a_proxy_url(run_cli):
 def test_a_lost_proxy_is_a_storage_outage():
     import grpc
 
-    from hpsearch.study import _lost_database
+    from hpsearch._db_errors import lost_database
 
     # A run waits for the proxy to come back, as it does for the database itself (study.run_trials).
-    assert _lost_database(grpc.RpcError())
-    assert not _lost_database(ValueError("not a storage error"))
+    assert lost_database(grpc.RpcError())
+    assert not lost_database(ValueError("not a storage error"))

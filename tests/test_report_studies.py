@@ -14,10 +14,11 @@ import torch.nn as nn
 
 from hpsearch import SpecError, load_spec
 from hpsearch.data import DataInfo
+from hpsearch.samplers import EnqueuedOnly
+from hpsearch.schedules import make_scheduler
 from hpsearch.spec import split_row
 from hpsearch.strategies import STRATEGIES
-from hpsearch.study import EnqueuedOnly
-from hpsearch.train import TrainConfig, make_scheduler
+from hpsearch.train_types import TrainConfig
 
 REPORT = Path(__file__).resolve().parent.parent / "studies" / "report"
 FILES = sorted(REPORT.glob("*.toml"))

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from hpsearch import objective
 from hpsearch.spec import Rung, load_spec
-from hpsearch.study import make_pruner, rung_step
+from hpsearch.stopping import make_pruner, rung_step
 from tests.conftest import ONE_CONFIG_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"

@@ -11,7 +11,7 @@ import pytest
 
 from hpsearch.space import Fixed
 from hpsearch.spec import load_spec
-from hpsearch.study import dead_trial_rule, make_pruner
+from hpsearch.stopping import dead_trial_rule, make_pruner
 from tests.conftest import TINY, study_text
 
 GOOD = study_text()

@@ -10,7 +10,9 @@ import torch.nn as nn
 
 from hpsearch.artifacts import load_checkpoint, open_artifact_store, save_checkpoint
 from hpsearch.data import load
-from hpsearch.train import Built, Diverged, FitResult, TrainConfig, fit, make_optimizer, make_scheduler
+from hpsearch.schedules import make_optimizer, make_scheduler
+from hpsearch.train import fit
+from hpsearch.train_types import Built, Diverged, FitResult, TrainConfig
 
 CPU = torch.device("cpu")
 

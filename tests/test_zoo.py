@@ -14,7 +14,7 @@ from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Fixed, IntRange
 from hpsearch.spec import load_spec
 from hpsearch.strategies import zoo
-from hpsearch.train import TrainConfig
+from hpsearch.train_types import TrainConfig
 
 TRAIN = TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.01, weight_decay=0.0)
 

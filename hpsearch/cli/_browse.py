@@ -4,11 +4,8 @@ proxy serve it; predict runs an exported model. None imports torch (predict only
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
-import os
-import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,9 @@ from hpsearch._display import summary_table
 from hpsearch._errors import HpsearchError, SpecError
 from hpsearch._paths import default_cache_dir, write_atomically
 from hpsearch._secrets import redact_url, scrub
+from hpsearch._urls import is_proxy_url
 from hpsearch.cli._options import ArtifactsLocation, CacheDir, Storage, StudyName, console, err_console
-from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT, is_proxy_url
+from hpsearch.proxy import DEFAULT_HOST, DEFAULT_PORT
 from hpsearch.storage import open_storage, storage_url
 from hpsearch.study import load_existing
 from hpsearch.trials import ranked, stop_note
@@ -115,18 +113,10 @@ def export(
     if out.is_dir():
         raise SpecError(f"--out: {str(out)!r} is a directory; give a file name ending in .csv or .json")
     try:
-        _check_folder(out.parent)
         write_atomically(out, text)  # never a half-written export
     except OSError as e:
         raise HpsearchError(f"--out: cannot write {str(out)!r} ({e.strerror})") from None
     console.print(f"wrote {len(rows)} trials of study {name!r} to {out}")
-
-
-def _check_folder(path: Path) -> None:
-    """Raises the OSError that writing into ``path`` would raise unless it is a folder: export writes into an
-    existing folder only, where write_atomically would make the missing ones."""
-    if not stat.S_ISDIR(path.stat().st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

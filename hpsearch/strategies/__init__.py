@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from hpsearch.stopping import Rejected
 from hpsearch.strategies import finetune, scratch, zoo
 from hpsearch.strategies._base import Config, Strategy, suggest_train, train_params
 
@@ -12,4 +11,4 @@ STRATEGIES: dict[str, Strategy] = {
     "finetune": finetune.STRATEGY,
 }
 
-__all__ = ["STRATEGIES", "Config", "Rejected", "Strategy", "suggest_train", "train_params"]
+__all__ = ["STRATEGIES", "Config", "Strategy", "suggest_train", "train_params"]

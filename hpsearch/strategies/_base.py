@@ -11,8 +11,9 @@ import optuna
 
 from hpsearch.augment import LEVELS
 from hpsearch.data import DataInfo
+from hpsearch.schedules import SCHEDULERS
 from hpsearch.space import Categorical, Fixed, FloatRange, Param, PerChoice, Space
-from hpsearch.train import AVERAGING, SCHEDULERS, Built, TrainConfig
+from hpsearch.train_types import AVERAGING, Built, TrainConfig
 
 
 class Config(Protocol):

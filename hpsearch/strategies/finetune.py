@@ -37,7 +37,7 @@ from hpsearch._errors import HpsearchError
 from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Param, Space
 from hpsearch.strategies._base import Strategy, suggest_train, train_params
-from hpsearch.train import Built, Precomputed, TrainConfig
+from hpsearch.train_types import Built, Precomputed, TrainConfig
 
 BACKBONES = ("resnet18", "resnet50")
 UNFREEZE = ("fc", "layer4", "layer3", "layer2", "all")

@@ -24,7 +24,7 @@ from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Param, Space
 from hpsearch.stopping import Rejected
 from hpsearch.strategies._base import Strategy, suggest_train, train_params
-from hpsearch.train import Built, TrainConfig
+from hpsearch.train_types import Built, TrainConfig
 
 PARAMS: dict[str, Param] = {
     "conv_layers": Param(IntRange(0, 4), int, "conv blocks (0 = FC-only model)", low=0, high=8),

@@ -28,7 +28,7 @@ import torchvision.models as tvm
 from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Dim, Fixed, IntRange, Param, Space, describe
 from hpsearch.strategies._base import Strategy, suggest_train, train_params
-from hpsearch.train import Built, TrainConfig
+from hpsearch.train_types import Built, TrainConfig
 
 MODELS = ("alexnet", "resnet18", "vgg16")
 # px; found by running each model at size and size-1. ResNet18 runs at any size (adaptive pool); 8 is the

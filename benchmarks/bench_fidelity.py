@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hpsearch._errors import Rejected  # noqa: E402
 from hpsearch.data import Data, Split, load  # noqa: E402
 from hpsearch.devices import choose_precision, configure_threads, precision_candidates, precision_name  # noqa: E402
 from hpsearch.explain import summarize  # noqa: E402
 from hpsearch.saved_model import replay  # noqa: E402
 from hpsearch.spec import load_spec, split_row  # noqa: E402
-from hpsearch.stopping import Rejected  # noqa: E402
 from hpsearch.strategies import STRATEGIES  # noqa: E402
 from hpsearch.train import PROBE_BATCH, fit, probe_steps  # noqa: E402
 

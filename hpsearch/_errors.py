@@ -1,4 +1,4 @@
-"""Errors that the CLI turns into one-line messages and exit codes."""
+"""Errors that the CLI turns into one-line messages and exit codes, and the rejection a strategy raises."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ class HpsearchError(Exception):
 
 class SpecError(HpsearchError):
     """Bad input: a study file, a search space or a command-line value (exit code 2)."""
+
+
+class Rejected(Exception):
+    """A sampled configuration that cannot train (e.g. its feature map shrinks below 1x1), raised by a strategy's
+    builder; the objective stores the reason and prunes the trial (``stopping.reject``)."""
 
 
 def first_line(e: BaseException) -> str:

@@ -1,5 +1,5 @@
-"""Optuna's noise that hpsearch silences on purpose, in one place: its ExperimentalWarning and log records that say
-only what hpsearch expects or reports itself."""
+"""Optuna's noise that hpsearch silences on purpose, in one place (its ExperimentalWarning and log records that say
+only what hpsearch expects or reports itself), and the stale-trial reaping every process that holds a storage runs."""
 
 from __future__ import annotations
 
@@ -42,3 +42,14 @@ def _expected(record: logging.LogRecord) -> bool:
     # So is the refusal of a late write to a trial another worker failed as stale (run_trials says it in one line).
     return not (record.exc_info and isinstance(record.exc_info[1], HpsearchError | KeyboardInterrupt
                                                | optuna.exceptions.UpdateFinishedTrialError))
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fails (and enqueues the retry of) trials whose worker died: their heartbeat is older than the grace period.
+    Optuna does this before each trial; hpsearch also does it when a run has no trial to start, so a dead
+    worker's trial does not stay RUNNING in a study that has reached its count, and each worker's heartbeat thread
+    and ``hpsearch proxy`` do it every ``storage.reap_seconds``. With ``storage.HeartbeatStorage`` a trial without
+    a heartbeat (its worker died first) is given one, so it goes stale too, and each stale trial is retried once
+    however many processes fail it at the same moment."""
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)

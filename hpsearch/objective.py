@@ -25,14 +25,14 @@ import torch
 from optuna.trial import TrialState
 
 from hpsearch import artifacts, signals, stopping
-from hpsearch._errors import HpsearchError
+from hpsearch._errors import HpsearchError, Rejected
 from hpsearch._optuna import quiet_experimental
 from hpsearch.data import Data, Split
 from hpsearch.devices import DTYPES, choose_precision, precision_candidates, precision_name
 from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
-from hpsearch.stopping import DeadTrialRule, EpochRules, Rejected, rung_step
+from hpsearch.stopping import DeadTrialRule, EpochRules, rung_step
 from hpsearch.strategies import STRATEGIES
 from hpsearch.study import check_study, study_identity
 from hpsearch.train import PROBE_BATCH, fit, probe_steps

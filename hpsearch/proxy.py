@@ -21,8 +21,9 @@ import optuna
 from optuna.storages import GrpcStorageProxy
 from optuna.storages._heartbeat import BaseHeartbeat
 
+from hpsearch._attrs import SPEC_ATTR
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch._optuna import quiet_experimental
+from hpsearch._optuna import fail_stale, quiet_experimental
 from hpsearch._urls import parse_proxy_url
 
 DEFAULT_HOST = "127.0.0.1"
@@ -145,9 +146,6 @@ def reap(storage: optuna.storages.BaseStorage, studies: dict[int, optuna.Study] 
     """Fails the stale trials of every hpsearch study in ``storage`` and queues their retries (``fail_stale``).
     Other studies are left alone: their trials may run without heartbeats (ask and tell), and would be failed.
     ``studies``: Study objects kept from one call to the next."""
-    from hpsearch._attrs import SPEC_ATTR
-    from hpsearch.study import fail_stale
-
     studies = {} if studies is None else studies
     for frozen in storage.get_all_studies():
         if SPEC_ATTR not in frozen.user_attrs:

@@ -28,12 +28,13 @@ from hpsearch import signals
 from hpsearch._db_errors import database_error
 from hpsearch._display import RunDisplay, TrainingProgress, summary_table
 from hpsearch._errors import HpsearchError, SpecError, first_line
+from hpsearch._optuna import fail_stale
 from hpsearch._paths import default_cache_dir, default_data_dir
 from hpsearch._preflight import check_run_writes, new_sqlite_file
 from hpsearch._secrets import scrub
 from hpsearch.stopping import dead_trial_rule
 from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
-from hpsearch.study import fail_stale, finished_if_exists, open_study, run_trials
+from hpsearch.study import finished_if_exists, load_existing, load_spec_from_study, open_study, run_trials
 from hpsearch.trials import count_finished
 from hpsearch.warm_start import WARM_START_ATTR
 
@@ -315,6 +316,39 @@ def create_study(spec: StudySpec, *, storage: str | None, force: bool) -> Create
     if existed:
         return Created(existed=True, finished=count_finished(study), warm_start=[])
     return Created(existed=False, finished=0, warm_start=warm_start_lines(study))
+
+
+def stored_spec(name: str, storage: str | None) -> StudySpec:
+    """The study file stored with study ``name``, which ``worker`` runs; the storage is never created."""
+    return load_spec_from_study(open_storage(storage, create=False), name)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What ``evaluate`` and ``export-model`` retrain from: a stored study, its study file, and where it trains."""
+
+    study: optuna.Study
+    spec: StudySpec
+    device: torch.device
+    data_dir: Path
+    cache_dir: Path
+
+
+def open_stored(name: str, options: RunOptions, *, cpu_work: bool = False) -> Stored:
+    """Study ``name`` from ``options.storage`` (never created), with ``options.device`` resolved and checked against
+    ``options.precision``, and the threads set: on a CPU device, or always when ``cpu_work`` (export-model checks
+    and times its export on the CPU whatever device trains)."""
+    from hpsearch.devices import check_precision, configure_threads, resolve_device
+
+    rdb = open_storage(options.storage, create=False)
+    spec = load_spec_from_study(rdb, name)
+    study = load_existing(rdb, name)
+    device = resolve_device(options.device)
+    check_precision(options.precision, device)
+    if cpu_work or device.type == "cpu":
+        configure_threads(options.threads)
+    return Stored(study=study, spec=spec, device=device, data_dir=options.data_dir or default_data_dir(),
+                  cache_dir=options.cache_dir or default_cache_dir())
 
 
 def epoch_line(display: TrainingProgress, run: str) -> Callable[[int, int, int, int, int, float], None]:

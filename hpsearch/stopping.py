@@ -26,10 +26,6 @@ REJECTED, DEAD, OVER_COST, DIVERGED = STOP_REASONS  # the attribute names, one p
 
 # ---- rejection: refused before training (pruned for the sampler, not counted toward n_trials)
 
-class Rejected(Exception):
-    """A sampled configuration that cannot train (e.g. its feature map shrinks below 1x1); the reason is stored."""
-
-
 def reject(trial: optuna.Trial, why: str, *, cost_cap: str | None = None) -> NoReturn:
     """Refuses the configuration before training: stored as ``rejected`` (and the cap that refused it, if any)."""
     trial.set_user_attr(REJECTED, why)

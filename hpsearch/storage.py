@@ -19,7 +19,7 @@ from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch._optuna import quiet_experimental
+from hpsearch._optuna import fail_stale, quiet_experimental
 from hpsearch._preflight import check_writable_sqlite
 from hpsearch._secrets import redact_url, remember
 from hpsearch._urls import escape_password, is_proxy_url, is_sqlite, parse_database_url, sqlite_database
@@ -218,8 +218,6 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
                 _logger.debug("looking for stale trials failed: %s", first_line(e))
 
     def _look_for_stale(self, trial_id: int) -> None:
-        from hpsearch.study import fail_stale
-
         study_id = self._trial_study.get(trial_id)
         if study_id is None:
             trials = models.TrialModel.__table__

@@ -20,7 +20,7 @@ from hpsearch._attrs import SPEC_ATTR
 from hpsearch._db_errors import lost_database as _lost_database
 from hpsearch._db_errors import taken_over
 from hpsearch._errors import HpsearchError, SpecError, first_line
-from hpsearch._optuna import quiet_expected_logs, quiet_experimental
+from hpsearch._optuna import quiet_expected_logs
 from hpsearch.samplers import make_sampler
 from hpsearch.stopping import DeadTrialRule, make_pruner
 from hpsearch.trials import count_finished, is_rejected
@@ -150,17 +150,6 @@ def finished_if_exists(storage: optuna.storages.BaseStorage, name: str) -> int |
     if name not in optuna.get_all_study_names(storage):
         return None
     return count_finished(optuna.load_study(storage=storage, study_name=name))
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Fails (and enqueues the retry of) trials whose worker died: their heartbeat is older than the grace period.
-    Optuna does this before each trial; hpsearch also does it when a run has no trial to start, so a dead
-    worker's trial does not stay RUNNING in a study that has reached its count, and each worker's heartbeat thread
-    and ``hpsearch proxy`` do it every ``storage.reap_seconds``. With ``storage.HeartbeatStorage`` a trial without
-    a heartbeat (its worker died first) is given one, so it goes stale too, and each stale trial is retried once
-    however many processes fail it at the same moment."""
-    with quiet_experimental():
-        optuna.storages.fail_stale_trials(study)
 
 
 class StudyGone(BaseException):

@@ -180,12 +180,13 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial], 
             assert after in (reported_before - 2, reported_before - 1), (number, retry.number, states)
         else:
             assert reported_before == 1, (number, retry.number, retry.user_attrs)
-        # What the retry trained itself: the epochs after its checkpoint's, each once. A retry that trained the dead
-        # worker's epochs again with the same seed would report the same values, and pass every check below.
+        # What the retry trained itself: the epochs after its checkpoint's, each once (none when the trial it replaces
+        # was killed after its last epoch's checkpoint). A retry that trained the dead worker's epochs again with the
+        # same seed would report the same values, and pass every check below.
         start = 0 if after is None else after + 1
-        assert trained.get(retry.number) == list(range(start, chaos.epochs)), \
+        assert trained.get(retry.number, []) == list(range(start, chaos.epochs)), \
             f"retry {retry.number} of trial {number} (resumed_after_epoch={after}) trained epochs " \
-            f"{trained.get(retry.number)}\n{states}"
+            f"{trained.get(retry.number, [])}\n{states}"
         reported = [dead.intermediate_values[e] for e in sorted(dead.intermediate_values)]
         assert len(before.intermediate_values) >= 1
         assert retry.user_attrs["val_accuracy"][:len(reported)] == reported, (number, retry.number, states)

@@ -111,8 +111,8 @@ def _reaper(url: str, barrier: Any) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
+    from hpsearch._optuna import fail_stale
     from hpsearch.storage import open_storage
-    from hpsearch.study import fail_stale
 
     study = optuna.load_study(study_name="race", storage=open_storage(url))
     for _ in range(ROUNDS):

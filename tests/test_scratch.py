@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from hpsearch._errors import Rejected
 from hpsearch.data import DataInfo
 from hpsearch.space import resolve_space
-from hpsearch.stopping import Rejected
 from hpsearch.strategies.scratch import PARAMS, build, suggest
 
 CIFAR = DataInfo(name="cifar10", channels=3, height=32, width=32, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,

@@ -36,8 +36,6 @@ from hpsearch.cli._options import (
     err_console,
     run_options,
 )
-from hpsearch.storage import open_storage
-from hpsearch.study import load_existing, load_spec_from_study
 
 if TYPE_CHECKING:
     from hpsearch.spec import StudySpec
@@ -66,7 +64,7 @@ def worker(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Name of
            summary: Summary = True, artifacts_location: ArtifactsLocation = None,
            keep_checkpoints: KeepCheckpoints = 0) -> None:
     """Join an existing study by name (its study file is stored in the database) and run trials."""
-    _run_study(load_spec_from_study(open_storage(storage, create=False), name), run_options(ctx))
+    _run_study(session.stored_spec(name, storage), run_options(ctx))
 
 
 def _run_study(spec: StudySpec, options: session.RunOptions) -> None:
@@ -128,25 +126,19 @@ def evaluate(
     way. Results are stored on the study (seeds already stored are skipped: a killed evaluate resumes) and shown by
     show and export."""
     from hpsearch import evaluate as final
-    from hpsearch.devices import check_precision, configure_threads, resolve_device
 
     final.check_options(top=top, seeds=seeds, epochs=epochs or "best", train_fraction=train_fraction)
-    rdb = open_storage(storage, create=False)
-    spec = load_spec_from_study(rdb, name)
-    study = load_existing(rdb, name)
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    if dev.type == "cpu":
-        configure_threads(threads)
+    stored = session.open_stored(name, session.RunOptions(storage=storage, data_dir=data_dir, cache_dir=cache_dir,
+                                                          device=device, threads=threads, precision=precision))
+    spec = stored.spec
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def progress(trial: int, index: int, total: int, accuracy: float) -> None:
         console.print(f"trial {trial:>4} seed {index + 1}/{total}  test acc {accuracy:.4f}")
 
     with TrainingProgress(console) as display:
-        rows = final.evaluate_study(study, spec, top=top, seeds=seeds, epochs=epochs,
-                                    data_dir=data_dir or default_data_dir(),
-                                    cache_dir=cache_dir or default_cache_dir(), device=dev,
+        rows = final.evaluate_study(stored.study, spec, top=top, seeds=seeds, epochs=epochs,
+                                    data_dir=stored.data_dir, cache_dir=stored.cache_dir, device=stored.device,
                                     train_fraction=train_fraction, save_dir=save, progress=progress,
                                     precision=precision, trials=trial_numbers,
                                     epoch_progress=session.epoch_line(display, "seed"))
@@ -243,22 +235,18 @@ def export_model(
     The model is the one `evaluate --save` saved for that trial and seed, else it is retrained as evaluate does (and
     its test accuracy stored)."""
     from hpsearch import export as exporting
-    from hpsearch.devices import check_precision, configure_threads, resolve_device
 
     exporting.resolve_format(fmt, out)  # a bad --format/--out fails before anything is opened
-    rdb = open_storage(storage, create=False)
-    spec = load_spec_from_study(rdb, name)
-    study = load_existing(rdb, name)
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    configure_threads(threads)  # the export, its check and its latency run on the CPU whatever --device trains on
+    stored = session.open_stored(name, session.RunOptions(storage=storage, data_dir=data_dir, cache_dir=cache_dir,
+                                                          device=device, threads=threads, precision=precision),
+                                 cpu_work=True)
 
     def say(text: str) -> None:
         console.print(text, soft_wrap=True)
 
-    done = exporting.export_model(study, spec, trial=trial, seed_index=seed, fmt=fmt, out=out,
-                                  data_dir=data_dir or default_data_dir(), cache_dir=cache_dir or default_cache_dir(),
-                                  device=dev, say=say, precision=precision)
+    done = exporting.export_model(stored.study, stored.spec, trial=trial, seed_index=seed, fmt=fmt, out=out,
+                                  data_dir=stored.data_dir, cache_dir=stored.cache_dir, device=stored.device, say=say,
+                                  precision=precision)
     card = done.card
     check = card["verification"]
     latency = card["latency_ms_per_image"]

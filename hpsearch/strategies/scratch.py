@@ -20,9 +20,9 @@ import optuna
 import torch
 import torch.nn as nn
 
+from hpsearch._errors import Rejected
 from hpsearch.data import DataInfo
 from hpsearch.space import Categorical, Fixed, FloatRange, IntRange, Param, Space
-from hpsearch.stopping import Rejected
 from hpsearch.strategies._base import Strategy, suggest_train, train_params
 from hpsearch.train_types import Built, TrainConfig
 

@@ -1,5 +1,6 @@
 """The sizes docs/ARCHITECTURE.md relies on (issue #24): no function in hpsearch/ over 60 lines, no module over 400,
-and no import of a module on a higher floor of the map than the importer (cli -> session -> search -> training)."""
+no import of a module on a higher floor of the map than the importer (cli -> session -> search -> training), and no
+import circle."""
 
 from __future__ import annotations
 
@@ -57,3 +58,71 @@ def test_nothing_below_the_cli_imports_it_and_the_search_does_not_import_the_ses
         if any(name == f"hpsearch.{s}" or name.startswith(f"hpsearch.{s}.") for s in search):
             upward += [f"{name} imports {m}" for m in sorted(imported & sessions)]
     assert upward == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(("hpsearch", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the hpsearch modules it imports, anywhere in it (inside functions and ``if TYPE_CHECKING:`` too: a
+    lazy import hides a circle from Python, not from the reader). ``from M import x`` names module ``M.x`` when there
+    is one, else ``M``. The package ``hpsearch`` itself is left out: every ``from hpsearch import m`` imports it, and
+    it only loads ``spec`` and ``saved_model`` on first use (its ``__getattr__``)."""
+    paths = {_module_name(p): p for p in _modules()}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        if name == "hpsearch":
+            continue
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpsearch"):
+                targets.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module
+                               for a in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name in paths)
+        graph[name] = {t for t in targets if t in paths and t not in ("hpsearch", name)}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    graph = _module_graph()
+    assert "hpsearch.stopping" in graph["hpsearch.objective"]  # the graph sees imports at all
+    assert _circles(graph) == []
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -24,8 +24,9 @@ DATASET = "synthetic:classes=3,size=12,train=192,test=32"
 
 def test_the_test_split_is_sealed_outside_evaluate(tmp_path: Path):
     raw = datasets.read_raw(DATASET, tmp_path, tmp_path)
-    with pytest.raises(datasets.SealedTestSplit, match=r"^the test split is read only by `hpsearch evaluate` "
-                                                      r"\(data.load_test\); the search uses the train/val split$"):
+    with pytest.raises(datasets.SealedTestSplit, match=r"^the test split is read only by the final retraining of "
+                                                      r"evaluate, reproduce and export-model \(data.load_test\); "
+                                                      r"the search uses the train/val split$"):
         raw.test  # noqa: B018
     split = datasets.load_test(DATASET, data_dir=tmp_path, cache_dir=tmp_path, device=torch.device("cpu"))
     assert len(split) == 32 and split.x.dtype == torch.uint8

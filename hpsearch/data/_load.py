@@ -108,8 +108,8 @@ class Raw:
     @property
     def test(self) -> readers.Arrays:
         if _OPEN["depth"] <= 0:
-            raise SealedTestSplit("the test split is read only by `hpsearch evaluate` (data.load_test); "
-                                  "the search uses the train/val split")
+            raise SealedTestSplit("the test split is read only by the final retraining of evaluate, reproduce "
+                                  "and export-model (data.load_test); the search uses the train/val split")
         TEST_READS["count"] += 1
         return self.sealed_test
 

@@ -68,8 +68,9 @@ def _module_name(path: Path) -> str:
 def _module_graph() -> dict[str, set[str]]:
     """Module -> the hpsearch modules it imports, anywhere in it (inside functions and ``if TYPE_CHECKING:`` too: a
     lazy import hides a circle from Python, not from the reader). ``from M import x`` names module ``M.x`` when there
-    is one, else ``M``. The package ``hpsearch`` itself is left out: every ``from hpsearch import m`` imports it, and
-    it only loads ``spec`` and ``saved_model`` on first use (its ``__getattr__``)."""
+    is one, else ``M`` (not ``_imports``' both: ``from hpsearch.data import _readers`` inside the data package would
+    read as a circle with its own ``__init__``). The package ``hpsearch`` itself is left out: every ``from hpsearch
+    import m`` imports it, and it only loads ``spec`` and ``saved_model`` on first use (its ``__getattr__``)."""
     paths = {_module_name(p): p for p in _modules()}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():

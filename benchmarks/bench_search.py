@@ -108,9 +108,12 @@ def sampled_best(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, int] | 
     """The best validation accuracy any epoch of a sampled (not enqueued) trial reached, and that trial's number.
 
     When a study enqueues a strong row, it is usually the study's best at a small budget whatever the pruner, so
-    the best trial alone cannot tell pruners apart; what the sampled trials reached can."""
-    sampled = [(max(t.intermediate_values.values()), t.number) for t in trials
-               if t.intermediate_values and "fixed_params" not in t.system_attrs]
+    the best trial alone cannot tell pruners apart; what the sampled trials reached can. A complete trial's value
+    counts too: a study with rungs reports its rungs' ends as intermediate values and the last stage only as the
+    trial's value."""
+    reached = {t.number: [*t.intermediate_values.values(), *([] if t.value is None else [t.value])]
+               for t in trials if "fixed_params" not in t.system_attrs}
+    sampled = [(max(values), number) for number, values in reached.items() if values]
     return max(sampled) if sampled else None
 
 

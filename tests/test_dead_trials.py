@@ -220,6 +220,22 @@ def test_the_pruner_comparison_reports_what_the_sampled_trials_reached():
     assert bench.sampled_best(trials[:1]) is None  # only the enqueued row: nothing sampled
 
 
+def test_the_best_sampled_value_counts_a_complete_trials_last_stage():
+    """With rungs, a trial reports only its rungs' ends as intermediate values; its full-fidelity stage is its value
+    (fashion-mnist-fast printed 0.8950, a rung value, as its best sampled; trial 17 completed at 0.935)."""
+    bench = _bench_search()
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.0})
+
+    def objective_fn(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.report(0.5 + trial.number / 10, 1)  # a rung's end
+        return [0.8, 0.81, 0.82][trial.number]  # the last stage: above every rung value
+
+    study.optimize(objective_fn, n_trials=3)
+    assert bench.sampled_best(study.get_trials()) == (0.82, 2)
+
+
 def test_the_before_figures_run_the_search_with_the_other_checkout(tmp_path):
     """bench_search --search-code DIR: the search must run the hpsearch of DIR (an older commit, for the issue's
     "before" figures), not this checkout's; `python -m` imports from its working directory first, so running it here

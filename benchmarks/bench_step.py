@@ -1,14 +1,15 @@
 """hpsearch's training loop against the plain-PyTorch reference's (benchmarks/reference_fast_cifar.py), side by side:
 the same airbench94-class network (studies/cifar10-fast.toml's enqueued row), the same images, batch and precision.
 
-    .venv/bin/python benchmarks/bench_step.py [--images 10240] [--epochs 4] [--repeats 2] [--precision auto]
+    .venv/bin/python benchmarks/bench_step.py [--images 10496] [--epochs 4] [--repeats 2] [--precision auto]
 
-Each side trains ``--epochs`` epochs on the same random uint8 CIFAR-shaped images (speed does not depend on what the
-pixels show), alternating sides ``--repeats`` times; printed: training seconds per step of each side (the minimum
-over repeats: other processes only ever add time) and their ratio. What is timed is the training loop only: for the
-reference its ``train``'s epoch times (its per-epoch augmentation pass included, its test passes not), for hpsearch
-``train._Training.train_epoch`` as ``train.fit`` calls it (the per-step augmentation and normalisation, the optimizer,
-the schedule and weight averaging included; validation not). Both start weight averaging within the first 4 epochs.
+Each side trains ``--epochs`` epochs on the same random uint8 CIFAR-shaped images (bench_train.as_data: 10,240 to train
+by default; speed does not depend on what the pixels show), alternating sides ``--repeats`` times; printed: training
+seconds per step of each side (the minimum over repeats: other processes only ever add time) and their ratio. What is
+timed is the training loop only: for the reference its ``train``'s epoch times (its per-epoch augmentation pass
+included, its test passes not), for hpsearch ``train._Training.train_epoch`` as ``train.fit`` calls it (the per-step
+augmentation and normalisation, the optimizer, the schedule and weight averaging included; validation not). Both start
+weight averaging within the first 4 epochs.
 """
 
 from __future__ import annotations
@@ -27,26 +28,21 @@ sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import reference_fast_cifar as reference  # noqa: E402
+from bench_train import airbench_row, as_data  # noqa: E402
 
-from hpsearch.data import Data, DataInfo, Split  # noqa: E402
+from hpsearch.data import Data  # noqa: E402
 from hpsearch.devices import configure_threads, cpu_bf16_native  # noqa: E402
-from hpsearch.saved_model import replay  # noqa: E402
-from hpsearch.spec import load_spec, split_row  # noqa: E402
-from hpsearch.strategies.scratch import build, suggest  # noqa: E402
+from hpsearch.strategies.scratch import build  # noqa: E402
 from hpsearch.train import _Training  # noqa: E402
 from hpsearch.train_types import FitResult  # noqa: E402
-
-INFO = DataInfo(name="cifar10", channels=3, height=32, width=32, num_classes=10, mean=(0.49, 0.48, 0.45),
-                std=(0.25, 0.24, 0.26), flip=True, classes=reference.CLASSES)
 
 
 def hpsearch_seconds_per_step(data: Data, epochs: int, amp: torch.dtype | None) -> float:
     """Seconds per training step of hpsearch's loop over ``epochs`` epochs of the enqueued airbench row."""
-    spec = load_spec(ROOT / "studies" / "cifar10-fast.toml")
-    config = suggest(replay(split_row(spec.enqueue[0])[0], spec.space), spec.space, 1, INFO)
+    config = airbench_row(data.info)
     train = replace(config.train, epochs=epochs)
     torch.manual_seed(0)
-    run = _Training(build(replace(config, train=train), INFO), data, train, device=torch.device("cpu"), seed=0,
+    run = _Training(build(replace(config, train=train), data.info), data, train, device=torch.device("cpu"), seed=0,
                     amp=amp, fresh=True)
     seconds = 0.0
     for epoch in range(epochs):
@@ -65,7 +61,7 @@ def reference_seconds_per_step(data: Data, epochs: int, amp: torch.dtype | None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=10_240, help="training images (batch 1024)")
+    ap.add_argument("--images", type=int, default=10_496, help="256 validate, the rest train (batch 1024)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -78,8 +74,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (args.images,), generator=g)
-    data = Data(train=Split(x, y), val=Split(x[:1024], y[:1024]), info=INFO)
-    print(f"{args.images} random CIFAR-shaped images, batch 1024, {args.epochs} epochs, "
+    data = as_data(x, y, torch.device("cpu"))  # bench_train's: 256 images set aside for validation
+    print(f"{len(data.train)} random CIFAR-shaped images, batch 1024, {args.epochs} epochs, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, {threads} threads; torch {torch.__version__}; "
           f"{platform.processor() or platform.machine()}", flush=True)
     best = {"reference": float("inf"), "hpsearch": float("inf")}

@@ -347,11 +347,16 @@ def precision_models(info: DataInfo) -> dict[str, tuple[ScratchConfig, int]]:
     studies/cifar10-fast.toml's enqueued airbench94-class network (118 M MACs), each at its own batch size."""
     three = replace(BASE_CNN, channels=(32, 64, 128), kernel_size=3, padding="same", batch_norm=True, fc_widths=(),
                     train=replace(TRAIN, batch_size=128))
-    spec = load_spec(ROOT / "studies" / "cifar10-fast.toml")
-    airbench = suggest(replay(split_row(spec.enqueue[0])[0], spec.space), spec.space, 1, info)
+    airbench = airbench_row(info)
     return {"base CNN (report), batch 64": (BASE_CNN, 64), "3-block 32-64-128 BN CNN, batch 128": (three, 128),
             "airbench94-class (cifar10-fast), batch 1024": (replace(airbench, train=replace(airbench.train, epochs=1)),
                                                             1024)}
+
+
+def airbench_row(info: DataInfo) -> ScratchConfig:
+    """studies/cifar10-fast.toml's first enqueued row: the airbench94-class network and recipe, 1 epoch."""
+    spec = load_spec(ROOT / "studies" / "cifar10-fast.toml")
+    return suggest(replay(split_row(spec.enqueue[0])[0], spec.space), spec.space, 1, info)
 
 
 def precision_epoch(config: ScratchConfig, data: Data, device: torch.device, amp: torch.dtype | None) -> float:

@@ -38,7 +38,7 @@ from hpsearch.explain import summarize  # noqa: E402
 from hpsearch.saved_model import replay  # noqa: E402
 from hpsearch.spec import load_spec, split_row  # noqa: E402
 from hpsearch.strategies import STRATEGIES  # noqa: E402
-from hpsearch.train import PROBE_BATCH, fit, probe_steps  # noqa: E402
+from hpsearch.train import fit, probe_precisions  # noqa: E402
 
 
 def configurations(spec, info, n: int) -> list[dict]:
@@ -127,8 +127,8 @@ def main() -> None:
             built = strategy.build(config, data.info)
             train = replace(config.train, epochs=epochs)
             candidates = precision_candidates("auto", device)
-            amp = candidates[0] if len(candidates) == 1 else choose_precision(probe_steps(
-                built, subset, train, device, candidates, batch=min(PROBE_BATCH, train.batch_size), warmup=2).cost)
+            amp = candidates[0] if len(candidates) == 1 else choose_precision(
+                probe_precisions(built, subset, train, device, candidates).cost)
             start = time.perf_counter()
             tta = spec.tta if (epochs, fraction) == fidelities[-1] else "none"
             result = fit(built, subset, train, device=device, seed=seed, amp=amp, tta=tta)

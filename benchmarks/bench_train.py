@@ -41,7 +41,7 @@ from hpsearch.spec import load_spec, spec_from_dict, split_row  # noqa: E402
 from hpsearch.storage import open_storage  # noqa: E402
 from hpsearch.strategies.scratch import ScratchConfig, build, suggest  # noqa: E402
 from hpsearch.study import open_study, run_trials  # noqa: E402
-from hpsearch.train import PROBE_BATCH, fit, probe_steps  # noqa: E402
+from hpsearch.train import PROBE_BATCH, fit, probe_batch, probe_precisions, probe_steps  # noqa: E402
 from hpsearch.train_types import Built, TrainConfig  # noqa: E402
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -379,17 +379,21 @@ def precision_rows(data: Data, device: torch.device, images: int, repeats: int) 
             for d in dtypes:
                 times[d] = min(times[d], precision_epoch(config, subset, device, d))
         torch.manual_seed(0)
-        probe = probe_steps(build(config, data.info), subset, config.train, device, dtypes,
-                            batch=min(PROBE_BATCH, batch), warmup=2)
-        auto = "bf16" if choose_precision(probe.cost) == torch.bfloat16 else "fp32"
+        built = build(config, data.info)
+        auto = "bf16" if choose_precision(probe_precisions(built, subset, config.train, device, dtypes).cost
+                                          ) == torch.bfloat16 else "fp32"
         if len(dtypes) == 1:
             rows.append((f"6. {name}", f"fp32 {images / times[None]:.0f} img/s", "no native bf16 on this CPU",
                          f"auto: {auto}"))
             continue
+        # What the probe saw at its first look and at the training's own batch (capped), beside the epochs' ratio.
+        looks = {b: probe_steps(built, subset, config.train, device, dtypes, batch=b, warmup=2).cost
+                 for b in sorted({min(PROBE_BATCH, batch), probe_batch(batch)})}
+        seen = ", ".join(f"{c[None] / c[torch.bfloat16]:.2f}x at {b}" for b, c in looks.items())
         r = times[None] / times[torch.bfloat16]
         goal = _goal(r >= 2.5, ">= 2.5x") if name.startswith("airbench") else "report"
         rows.append((f"6. {name}", f"fp32 {images / times[None]:.0f} img/s, bf16 {images / times[torch.bfloat16]:.0f}"
-                     f" img/s", f"bf16 {r:.2f}x faster; auto: {auto}", goal))
+                     f" img/s", f"bf16 {r:.2f}x faster; probe {seen}; auto: {auto}", goal))
     return rows
 
 

@@ -21,6 +21,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # bf16 is kept only when its timed steps are at least this much faster than fp32's: a few percent are inside the
 # probe's noise, and bf16 rounds the activations, so a tie goes to fp32.
 BF16_MIN_SPEEDUP = 1.1
+# A probe of a few small batches whose speed-up lies within this factor of BF16_MIN_SPEEDUP is too close to call: the
+# 3-block 32-64-128 CNN measured 1.05-1.15x at 64 images and 1.29-1.51x trained at its batch of 128 (AMD EPYC Zen 5).
+CLOSE_CALL = 1.25
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_STAT = Path("/proc/stat")
 CPUINFO = Path("/proc/cpuinfo")
@@ -276,3 +279,12 @@ def choose_precision(seconds: Mapping[torch.dtype | None, float]) -> torch.dtype
     fp32 = seconds[None]
     low = min((d for d in seconds if d is not None), key=lambda d: seconds[d])
     return low if seconds[low] * BF16_MIN_SPEEDUP <= fp32 else None
+
+
+def too_close_to_call(seconds: Mapping[torch.dtype | None, float]) -> bool:
+    """Whether the speed-up of the fastest low precision over fp32 lies within ``CLOSE_CALL`` of the threshold, so a
+    probe of more images should decide (``train.probe_precisions``). One candidate is never close."""
+    if len(seconds) == 1:
+        return False
+    speedup = seconds[None] / min(s for d, s in seconds.items() if d is not None)
+    return BF16_MIN_SPEEDUP / CLOSE_CALL < speedup < BF16_MIN_SPEEDUP * CLOSE_CALL

@@ -43,7 +43,7 @@ from hpsearch.results import attr_key, stored
 from hpsearch.saved_model import built_info, replay, save_model, write_saved
 from hpsearch.spec import StudySpec
 from hpsearch.strategies import STRATEGIES
-from hpsearch.train import PROBE_BATCH, BatchPrep, fit, probe_steps
+from hpsearch.train import BatchPrep, fit, probe_precisions
 from hpsearch.train_types import Diverged, FitResult
 
 EPOCH_MODES = ("best", "max")
@@ -282,9 +282,8 @@ def _retrain(trial: FrozenTrial, spec: StudySpec, final: Final, n_epochs: int, i
     torch.manual_seed(seed)  # weight initialisation
     built = strategy.build(config, info)
     candidates = precision_candidates(precision, device)
-    amp = candidates[0] if len(candidates) == 1 else choose_precision(probe_steps(
-        built, final.data, config.train, device, candidates, batch=min(PROBE_BATCH, config.train.batch_size), warmup=2
-    ).cost)
+    amp = candidates[0] if len(candidates) == 1 else choose_precision(
+        probe_precisions(built, final.data, config.train, device, candidates).cost)
     seen: list[FitResult] = []
 
     def after_epoch(epoch: int, result: FitResult) -> None:

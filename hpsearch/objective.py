@@ -35,7 +35,7 @@ from hpsearch.spec import StudySpec
 from hpsearch.stopping import DeadTrialRule, EpochRules, rung_step
 from hpsearch.strategies import STRATEGIES
 from hpsearch.study import check_study, study_identity
-from hpsearch.train import PROBE_BATCH, fit, probe_steps
+from hpsearch.train import fit, probe_batch, probe_precisions, probe_steps
 from hpsearch.train_types import Built, Diverged, FitResult
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
@@ -235,10 +235,9 @@ class Objective:
         candidates = precision_candidates(self.precision, self.device)
         amp = candidates[0]
         if len(candidates) > 1:
-            key = (repr(built.model), min(PROBE_BATCH, train.batch_size))
+            key = (repr(built.model), probe_batch(train.batch_size))
             if key not in self.probed:
-                self.probed[key] = probe_steps(built, self.data, train, self.device, candidates, batch=key[1],
-                                               warmup=2).cost
+                self.probed[key] = probe_precisions(built, self.data, train, self.device, candidates).cost
             amp = choose_precision(self.probed[key])
             trial.set_user_attr("step_seconds",
                                 {precision_name(d): round(s, 5) for d, s in self.probed[key].items()})

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hpsearch.accuracy import accuracy_on
 from hpsearch.augment import augment
 from hpsearch.data import Data
-from hpsearch.devices import DEVICE_DEFAULT, LoadAwareThreads, cost_clock, resolve_amp
+from hpsearch.devices import DEVICE_DEFAULT, LoadAwareThreads, cost_clock, resolve_amp, too_close_to_call
 from hpsearch.preprocess import InputPipeline, channels_last, normalise
 from hpsearch.schedules import WeightAverage, end_of_epoch, make_optimizer, make_scheduler, per_step
 from hpsearch.train_types import Built, Diverged, EpochHook, FitResult, TrainConfig
@@ -237,6 +237,28 @@ class Probe:
 
 
 PROBE_BATCH = 64  # images per step when only the precisions are compared (the ratio, not the epoch, is wanted)
+PROBE_BATCH_MAX = 256  # the most images per step of the second look, when the first is too close to call
+
+
+def probe_batch(batch_size: int) -> int:
+    """The most images per step the precision choice of a training at ``batch_size`` may time: its own batch, capped
+    at ``PROBE_BATCH_MAX``. Two trainings with the same model and this number get the same choice."""
+    return min(batch_size, PROBE_BATCH_MAX)
+
+
+def probe_precisions(built: Built, data: Data, config: TrainConfig, device: torch.device,
+                     dtypes: tuple[torch.dtype | None, ...]) -> Probe:
+    """The timed steps ``devices.choose_precision`` reads: ``PROBE_BATCH`` images per step; where that is too close to
+    call (``devices.too_close_to_call``), again at the training's own batch (``probe_batch``), which then decides. A
+    small batch favours fp32 in a mid-size network: the 3-block 32-64-128 CNN's bf16 gain sat at the 1.1x threshold at
+    64 images (fp32 chosen in one run, bf16 in the next) and was 1.29-1.51x in training at 128 (AMD EPYC Zen 5). Clear
+    cases, most of them, cost one small probe, as before."""
+    first = min(PROBE_BATCH, config.batch_size)
+    probe = probe_steps(built, data, config, device, dtypes, batch=first, warmup=2)
+    own = probe_batch(config.batch_size)
+    if own > first and too_close_to_call(probe.cost):
+        probe = probe_steps(built, data, config, device, dtypes, batch=own, warmup=2)
+    return probe
 
 
 def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.device,
@@ -249,10 +271,11 @@ def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.dev
     from it errs low: the cap refuses only what is surely over it, and the measured epoch catches the rest. The
     model, its parameters and every RNG are left as they were.
 
-    The precision choice probes ``PROBE_BATCH`` images: airbench94's network (Xeon with AMX-BF16, 2 threads) is 2.2x
-    faster in bf16 at batch 64 and 1.8x at 256, a 16-32-64 CNN 1.33x and 1.53x: the same decision for a twentieth of
-    the time a batch of 1,024 costs (benchmarks/README.md). Two warm-up steps then: the first bf16 step of a process
-    builds oneDNN's bf16 kernels (0.55 s against 0.036 s for fp32, seen on MNIST's first trial), the second can too."""
+    The precision choice (``probe_precisions``) first probes ``PROBE_BATCH`` images: airbench94's network (Xeon with
+    AMX-BF16, 2 threads) is 2.2x faster in bf16 at batch 64 and 1.8x at 256, a 16-32-64 CNN 1.33x and 1.53x: the
+    same decision for a twentieth of the time a batch of 1,024 costs (benchmarks/README.md). Two warm-up steps then:
+    the first bf16 step of a process builds oneDNN's bf16 kernels (0.55 s against 0.036 s for fp32, seen on MNIST's
+    first trial), the second can too."""
     if device.type == "cpu":
         LoadAwareThreads(first_look=FIRST_LOOK)  # the threads a training would start with on this machine now
     model = copy.deepcopy(built.model).to(device).train()

@@ -7,14 +7,15 @@ import optuna
 import pytest
 import torch
 
-from hpsearch import devices, objective
+from hpsearch import devices, objective, train
 from hpsearch._errors import SpecError
 from hpsearch.data import load
 from hpsearch.devices import check_precision, choose_precision, precision_candidates
 from hpsearch.saved_model import load_model, replay
 from hpsearch.space import resolve_space
 from hpsearch.strategies.scratch import PARAMS, build, suggest
-from hpsearch.train import Probe, fit
+from hpsearch.train import Probe, fit, probe_precisions
+from hpsearch.train_types import TrainConfig
 from tests.conftest import ONE_CONFIG_SPACE, study_text
 
 CPU = torch.device("cpu")
@@ -56,6 +57,38 @@ def test_the_faster_precision_wins_only_by_a_margin() -> None:
     assert choose_precision({BF16: 2.0}) == BF16  # one candidate: no choice
 
 
+@pytest.mark.parametrize(("speedups", "batch", "looks", "chosen"), [
+    ({64: 1.12, 256: 1.45}, 1024, [64, 256], BF16),  # too close at 64 images: the training's batch (capped) decides
+    ({64: 1.05, 128: 0.96}, 128, [64, 128], None),  # ... either way
+    ({64: 2.2}, 1024, [64], BF16),  # clear at 64: one small probe, as before
+    ({64: 0.6}, 512, [64], None),
+    ({64: 1.12}, 64, [64], BF16),  # a batch of 64 has nothing bigger to look at
+])
+def test_a_close_call_is_probed_again_at_the_trainings_own_batch(monkeypatch, speedups, batch, looks, chosen):
+    """A mid-size network's bf16 gain can sit at the threshold with 64 images per step and well above it at its own
+    batch (the 3-block 32-64-128 CNN on an AMD EPYC Zen 5: 1.05-1.15x at 64, 1.29-1.51x trained at 128)."""
+    seen: list[int] = []
+
+    def timed_steps(built, data, config, device, dtypes, *, batch, **_):
+        seen.append(batch)
+        cost = {None: 1.0, BF16: 1.0 / speedups[batch]}
+        return Probe(cost=cost, wall=cost, steps_per_epoch=1)
+
+    monkeypatch.setattr(train, "probe_steps", timed_steps)
+    config = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", lr=0.1, weight_decay=0.0)
+    probe = probe_precisions(None, None, config, CPU, (None, BF16))  # type: ignore[arg-type]
+    assert seen == looks
+    assert choose_precision(probe.cost) == chosen
+
+
+def test_only_a_speedup_near_the_threshold_is_too_close_to_call() -> None:
+    assert devices.too_close_to_call({None: 1.0, BF16: 1 / 1.1})
+    assert devices.too_close_to_call({None: 1.0, BF16: 1 / 0.95})
+    assert not devices.too_close_to_call({None: 1.0, BF16: 0.5})  # 2x: bf16, clearly
+    assert not devices.too_close_to_call({None: 1.0, BF16: 1 / 0.7})  # 0.7x: fp32, clearly
+    assert not devices.too_close_to_call({BF16: 1.0})  # one candidate: nothing to call
+
+
 def test_precisions_a_device_cannot_run_are_refused_with_what_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SpecError, match=r"^--precision: 'half' is not a precision; allowed: auto, fp32, bf16, fp16$"):
         check_precision("half", CPU)
@@ -95,7 +128,7 @@ def test_each_trial_trains_in_the_precision_its_timed_steps_chose(run_cli, write
         used.append(amp)
         return fit(*args, amp=amp, **kwargs)
 
-    monkeypatch.setattr(objective, "probe_steps", probe)
+    monkeypatch.setattr(objective, "probe_precisions", probe)
     monkeypatch.setattr(objective, "fit", recording_fit)
     result = run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))),
                      "--precision", "auto")
@@ -108,6 +141,7 @@ def test_each_trial_trains_in_the_precision_its_timed_steps_chose(run_cli, write
 
 def test_an_explicit_precision_trains_in_it_without_probing(run_cli, write_study, monkeypatch) -> None:
     monkeypatch.setattr(objective, "probe_steps", lambda *a, **k: pytest.fail("probed with a fixed precision"))
+    monkeypatch.setattr(objective, "probe_precisions", lambda *a, **k: pytest.fail("probed with a fixed precision"))
     result = run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=1, space=ONE_CONFIG_SPACE))),
                      "--precision", "fp32")
     assert result.code == 0, result

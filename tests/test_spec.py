@@ -123,6 +123,7 @@ def test_shipped_study_files_load():
         assert spec.name == path.stem, f"{path}: name {spec.name!r} differs from the file name"
     # A study file a benchmarks/README.md row ran (finetune-mnist-resnet50.toml needs a weights file made first).
     assert load_spec(root / "benchmarks" / "mnist-scratch-8-epochs.toml").epochs == 8
+    assert len(load_spec(root / "benchmarks" / "fashion-mnist-headroom.toml").enqueue) == 6
     # The pruners benchmarks/README.md measured and chose for the shipped CPU studies, each with dead-trial pruning.
     chosen = {"mnist-scratch": optuna.pruners.MedianPruner, "cifar10-scratch": optuna.pruners.SuccessiveHalvingPruner}
     for name, kind in chosen.items():

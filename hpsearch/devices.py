@@ -276,9 +276,8 @@ def choose_precision(seconds: Mapping[torch.dtype | None, float]) -> torch.dtype
     cores): an airbench-class CIFAR-10 network 2-3x faster in bf16, a 16-channel CNN slower (benchmarks/README.md)."""
     if len(seconds) == 1:
         return next(iter(seconds))
-    fp32 = seconds[None]
-    low = min((d for d in seconds if d is not None), key=lambda d: seconds[d])
-    return low if seconds[low] * BF16_MIN_SPEEDUP <= fp32 else None
+    low = _fastest_low(seconds)[0]
+    return low if seconds[low] * BF16_MIN_SPEEDUP <= seconds[None] else None
 
 
 def too_close_to_call(seconds: Mapping[torch.dtype | None, float]) -> bool:
@@ -286,5 +285,11 @@ def too_close_to_call(seconds: Mapping[torch.dtype | None, float]) -> bool:
     probe of more images should decide (``train.probe_precisions``). One candidate is never close."""
     if len(seconds) == 1:
         return False
-    speedup = seconds[None] / min(s for d, s in seconds.items() if d is not None)
+    speedup = _fastest_low(seconds)[1]
     return BF16_MIN_SPEEDUP / CLOSE_CALL < speedup < BF16_MIN_SPEEDUP * CLOSE_CALL
+
+
+def _fastest_low(seconds: Mapping[torch.dtype | None, float]) -> tuple[torch.dtype, float]:
+    """The fastest low precision among the timed candidates, and its speed-up over fp32 (``seconds[None]``)."""
+    low = min((d for d in seconds if d is not None), key=lambda d: seconds[d])
+    return low, seconds[None] / seconds[low]

@@ -86,6 +86,8 @@ def test_only_a_speedup_near_the_threshold_is_too_close_to_call() -> None:
     assert devices.too_close_to_call({None: 1.0, BF16: 1 / 0.95})
     assert not devices.too_close_to_call({None: 1.0, BF16: 0.5})  # 2x: bf16, clearly
     assert not devices.too_close_to_call({None: 1.0, BF16: 1 / 0.7})  # 0.7x: fp32, clearly
+    assert devices.too_close_to_call({None: 1.0, BF16: 1 / 1.3})  # bf16 1.3x faster: near enough to look again
+    assert not devices.too_close_to_call({None: 1.0, BF16: 1 / 0.8})  # bf16 slower (0.8x): fp32
     assert not devices.too_close_to_call({BF16: 1.0})  # one candidate: nothing to call
 
 

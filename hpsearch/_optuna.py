@@ -50,6 +50,7 @@ def fail_stale(study: optuna.Study) -> None:
     worker's trial does not stay RUNNING in a study that has reached its count, and each worker's heartbeat thread
     and ``hpsearch proxy`` do it every ``storage.reap_seconds``. With ``storage.HeartbeatStorage`` a trial without
     a heartbeat (its worker died first) is given one, so it goes stale too, and each stale trial is retried once
-    however many processes fail it at the same moment."""
+    however many processes fail it at the same moment, its FAIL and its retry written in one transaction (a reaper
+    killed between the two lost the retry)."""
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)

@@ -182,6 +182,8 @@ def _run_here(run: _Run, rdb: optuna.storages.BaseStorage | None) -> None:
     started = time.monotonic()
     outcome, display = _run_trials_shown(run, study, data, dead, store)
     term = signals.take_terminated()  # first: from here on a resent SIGTERM is ignored
+    if outcome.interrupted and term is not None:  # next: the SIGKILL that follows a SIGTERM must find it queued
+        signals.retry_terminated(study, term, max_retry=MAX_RETRY)
     _update_study_note(run, study)
     if run.options.summary:
         run.say.out.print(summary_table(study))
@@ -250,8 +252,7 @@ def _update_study_note(run: _Run, study: optuna.Study) -> None:
 
 def _end_with_outcome(run: _Run, study: optuna.Study, outcome: RunOutcome, term: signals.Terminated | None) -> None:
     """The outcome as the command's ending: SIGTERM, Ctrl-C, the target's line, or an error."""
-    if outcome.interrupted and term is not None:
-        signals.retry_terminated(study, term, max_retry=MAX_RETRY)
+    if outcome.interrupted and term is not None:  # its retry is queued already
         raise term  # sigterm_ends_trial prints its one line and exits 143
     if outcome.interrupted:
         run.say.err.print("interrupted: the running trial was marked FAIL; run the same command to resume")

@@ -133,6 +133,9 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
     - Two processes failing the same stale trial at once could both succeed and both queue a retry (SQLite has
       no ``SELECT ... FOR UPDATE``): a change of state now first claims the trial with an ``UPDATE ... WHERE
       state = <the state it changes from>``, which the database serialises, and only the claimant changes it.
+    - Optuna stores a stale trial's FAIL and queues its retry in two transactions: a reaper that died between them
+      (a killed worker's heartbeat thread, a database restart) left the trial FAIL with no retry, its work lost.
+      A stale trial's FAIL and its retry are now one transaction (``_fail_and_retry``).
     - Stale trials were only looked for when a worker started its next trial. Each worker's heartbeat thread now
       also does it every ``reap_seconds`` (``reap_while_beating``; ``hpsearch proxy`` has its own reaper instead).
     """
@@ -162,12 +165,19 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
             before = (TrialState.RUNNING, TrialState.WAITING)
         else:
             return super().set_trial_state_values(trial_id, state, values)
+        # Optuna's own update runs in the claim's transaction, so no other process can change the trial between
+        # the two; not claimed (finished already, taken by another worker, or no such trial), it runs alone and
+        # gives Optuna's own answer for each (UpdateFinishedTrialError, False, KeyError).
+        self._claim(trial_id, before)
+        return super().set_trial_state_values(trial_id, state, values)
+
+    def _claim(self, trial_id: int, before: tuple[TrialState, ...]) -> bool:
+        """Begins a transaction in this thread's session (Optuna's next call on this storage ends it) with a write
+        that changes nothing: it takes the trial's lock (the database's, on SQLite) and says whether the trial is
+        still in one of the states ``before``. Not claimed, the transaction is ended here."""
         trials = models.TrialModel.__table__
         session = self.scoped_session()
         try:
-            # A write that changes nothing: it takes the trial's lock (the database's, on SQLite) and says whether
-            # the trial is still in a state this change may leave. Optuna's own update then runs in this
-            # transaction, so no other process can change the trial between the two.
             claim = session.execute(
                 sqlalchemy.update(trials)
                 .where(trials.c.trial_id == trial_id, trials.c.state.in_(before))
@@ -178,15 +188,47 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
             session.close()
             raise optuna.exceptions.StorageInternalError(f"cannot update trial {trial_id}: {first_line(e)}") from e
         if not claimed:
-            # Finished already, taken by another worker, or no such trial: Optuna's own answer for each
-            # (UpdateFinishedTrialError, False, KeyError), read in a transaction of its own.
             session.rollback()
             session.close()
-        return super().set_trial_state_values(trial_id, state, values)
+        return claimed
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's ``fail_stale_trials`` (before each trial, and hpsearch's ``fail_stale``) asks this for the
+        stale trials, then fails each and queues its retry in two transactions. Each is failed here instead, with
+        its retry (``_fail_and_retry``), and none is left for Optuna to fail."""
         self._date_heartbeatless(study_id)
-        return super()._get_stale_trial_ids(study_id)
+        for trial_id in super()._get_stale_trial_ids(study_id):
+            self._fail_and_retry(study_id, trial_id)
+        return []
+
+    def _fail_and_retry(self, study_id: int, trial_id: int) -> None:
+        """Marks a stale trial FAIL and queues its retry in one transaction: a reaper killed halfway (or a database
+        that goes away) leaves the trial RUNNING and stale, and the next look fails and retries it. Only the
+        process that claims the trial while it is RUNNING does it, so the retry is queued once."""
+        retry = self._retry_of(self.get_trial(trial_id))  # read first: Optuna's reads end the transaction
+        if not self._claim(trial_id, (TrialState.RUNNING,)):
+            return  # finished, or failed by another process
+        session = self.scoped_session()
+        try:
+            if retry is not None:
+                # Optuna's create_new_trial, without its commit: the study's lock numbers the trial (Optuna 5.1).
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                self._get_prepared_new_trial(study_id, retry, session)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            session.rollback()
+            session.close()
+            raise optuna.exceptions.StorageInternalError(f"cannot retry trial {trial_id}: {first_line(e)}") from e
+        optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, TrialState.FAIL)  # commits both
+
+    def _retry_of(self, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
+        """The retry Optuna's stale-trial callback would queue (same system attrs, inherited intermediate values),
+        or None: no callback, or the trial's retries are used up."""
+        callback = self.get_heartbeat_stale_trial_callback()
+        if callback is None:
+            return None
+        kept = _KeptTrial()
+        callback(kept, trial)  # type: ignore[arg-type]  # the callback only calls add_trial on its study
+        return kept.trial
 
     def _date_heartbeatless(self, study_id: int) -> None:
         """Gives each RUNNING trial of the study that has no heartbeat row one, dated now by the database."""
@@ -234,6 +276,15 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
             study = self._studies[study_id] = optuna.load_study(
                 study_name=self.get_study_name_from_id(study_id), storage=self)
         fail_stale(study)
+
+
+class _KeptTrial:
+    """Stands in for the study given to Optuna's stale-trial callback: keeps the trial it adds, adds nothing."""
+
+    trial: optuna.trial.FrozenTrial | None = None
+
+    def add_trial(self, trial: optuna.trial.FrozenTrial) -> None:
+        self.trial = trial
 
 
 _logger = logging.getLogger(__name__)

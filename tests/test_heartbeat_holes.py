@@ -5,6 +5,9 @@
   heartbeat row (database time), which goes stale like any other: the trial is failed and retried.
 - Two workers failing the same stale trial at once on SQLite (no SELECT ... FOR UPDATE there) both saw it RUNNING
   and both queued a retry. Now only the one whose update moved it from RUNNING to FAIL queues it.
+- A reaper killed between storing a stale trial's FAIL and queuing its retry (Optuna does them in two transactions)
+  left the trial FAIL with no retry: its work was lost. Now both are one transaction: killed halfway, the trial
+  stays RUNNING and stale, and the next reaper fails and retries it.
 
 Run as a script (``python tests/test_heartbeat_holes.py run ...``) this file is an ``hpsearch`` worker with
 chaos_worker's slow epochs; HOLES_KILL_AFTER_CREATE=1 makes it SIGKILL itself right after its first trial is
@@ -13,6 +16,7 @@ created, before Optuna's heartbeat thread records anything.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import signal
@@ -24,7 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
+import sqlalchemy
 from optuna.trial import TrialState
+
+from tests.test_services import pg_url  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT, GRACE = 1, 3
@@ -158,6 +166,60 @@ def test_two_reapers_on_sqlite_queue_one_retry(tmp_path: Path):
                 p.kill()
     assert all(p.exitcode == 0 for p in procs)
     assert doubles == [], f"{len(doubles)} of {ROUNDS} rounds queued two retries of one stale trial"
+
+
+def _reaper_killed_while_retrying(url: str) -> None:
+    """Looks for stale trials and is SIGKILLed when it writes the retry of the one it found."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    from hpsearch._optuna import fail_stale
+    from hpsearch.storage import open_storage
+
+    def die(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    optuna.storages.RDBStorage._get_prepared_new_trial = die  # type: ignore[method-assign]
+    fail_stale(optuna.load_study(study_name="killed", storage=open_storage(url)))
+
+
+def _reaper_killed_halfway(url: str) -> None:
+    from hpsearch._optuna import fail_stale
+    from hpsearch.storage import open_storage
+
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="killed", storage=storage, direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)})
+    for epoch, accuracy in enumerate([0.5, 0.6]):
+        trial.report(accuracy, epoch)
+    storage.record_heartbeat(trial._trial_id)
+    beats = sqlalchemy.Table("trial_heartbeats", sqlalchemy.MetaData(), autoload_with=storage.engine)  # type: ignore[attr-defined]
+    with storage.engine.begin() as con:  # type: ignore[attr-defined]
+        con.execute(sqlalchemy.update(beats).values(heartbeat=datetime.datetime(2000, 1, 1)))  # stale for years
+
+    reaper = multiprocessing.get_context("spawn").Process(target=_reaper_killed_while_retrying, args=(url,))
+    reaper.start()
+    reaper.join(timeout=120)
+    assert reaper.exitcode == -signal.SIGKILL
+    [dead] = study.get_trials()
+    assert dead.state == TrialState.RUNNING  # the reaper's FAIL died with it: still stale, not lost
+
+    fail_stale(study)  # the next look, by any process
+    dead, retry = study.get_trials()
+    assert dead.state == TrialState.FAIL
+    assert (retry.state, retry.system_attrs["retry_history"], retry.params) == (TrialState.WAITING, [0], dead.params)
+    assert retry.intermediate_values == {0: 0.5, 1: 0.6}
+    fail_stale(study)
+    assert len(study.get_trials()) == 2  # retried once
+
+
+def test_a_reaper_killed_halfway_loses_no_trial_on_sqlite(tmp_path: Path):
+    _reaper_killed_halfway(f"sqlite:///{tmp_path / 'killed.db'}")
+
+
+@pytest.mark.services
+def test_a_reaper_killed_halfway_loses_no_trial_on_postgresql(pg_url: str):  # noqa: F811
+    _reaper_killed_halfway(pg_url)
 
 
 if __name__ == "__main__":

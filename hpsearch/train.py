@@ -234,10 +234,15 @@ class Probe:
     cost: dict[torch.dtype | None, float]
     wall: dict[torch.dtype | None, float]
     steps_per_epoch: int
+    timed_steps: int  # per dtype, the warm-up left out
 
 
 PROBE_BATCH = 64  # images per step when only the precisions are compared (the ratio, not the epoch, is wanted)
 PROBE_BATCH_MAX = 256  # the most images per step of the second look, when the first is too close to call
+# A probe times its steps until each dtype has this many seconds of them (at most PROBE_MAX_STEPS steps): a step of a
+# few milliseconds (the report's base CNN) is at the mercy of one interruption, and three of them decided nothing.
+PROBE_SECONDS = 0.2
+PROBE_MAX_STEPS = 30
 
 
 def probe_batch(batch_size: int) -> int:
@@ -263,8 +268,9 @@ def probe_precisions(built: Built, data: Data, config: TrainConfig, device: torc
 
 def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.device,
                 dtypes: tuple[torch.dtype | None, ...], *, steps: int = 3, batch: int | None = None,
-                warmup: int = 1) -> Probe:
-    """Times ``steps`` training steps (after ``warmup`` untimed ones) in each of ``dtypes``, interleaved so that a
+                warmup: int = 1, min_seconds: float = PROBE_SECONDS) -> Probe:
+    """Times at least ``steps`` training steps (after ``warmup`` untimed ones) in each of ``dtypes``, and more until
+    each has ``min_seconds`` of them (``PROBE_MAX_STEPS`` at most), interleaved so that a
     burst of load from another process hits every dtype alike, on a copy of the model with the real first batch (or
     its first ``batch`` images) and its augmentation: what the precision choice and the cost cap read before a trial
     trains. Validation and the optimizer's own update (SGD stands in for all) are not counted, so an epoch estimate
@@ -289,8 +295,13 @@ def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.dev
     clock = cost_clock(device)
     cost: dict[torch.dtype | None, list[float]] = {d: [] for d in dtypes}
     wall: dict[torch.dtype | None, list[float]] = {d: [] for d in dtypes}
+    def timed_enough() -> bool:
+        timed = len(wall[dtypes[0]]) - warmup
+        least = min(sum(s[warmup:]) for s in wall.values())  # the timed seconds of the dtype with fewest
+        return timed >= PROBE_MAX_STEPS or (timed >= steps and least >= min_seconds)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for _ in range(steps + warmup):
+        while not timed_enough():
             for dtype in dtypes:
                 t0, c0 = time.perf_counter(), clock()
                 x = prep(x_raw, config.augmentation, generator)
@@ -306,10 +317,11 @@ def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.dev
     # The median of the timed steps (the warm-up, with its allocations and autotuning, is left out; of two, the
     # faster): one step slowed by another process on a shared machine does not decide.
     def median(seconds: list[float]) -> float:
-        return sorted(seconds[warmup:])[(steps - 1) // 2]
+        timed = sorted(seconds[warmup:])
+        return timed[(len(timed) - 1) // 2]
 
     return Probe(cost={d: median(s) for d, s in cost.items()}, wall={d: median(s) for d, s in wall.items()},
-                 steps_per_epoch=len(data.train) // bs)
+                 steps_per_epoch=len(data.train) // bs, timed_steps=len(wall[dtypes[0]]) - warmup)
 
 
 def estimate_epoch_seconds(built: Built, data: Data, config: TrainConfig, device: torch.device, *,

@@ -63,7 +63,7 @@ def fake_probe(seconds_per_epoch: float | Callable[..., float]) -> Callable[...,
         steps = len(data.train) // min(config.batch_size, len(data.train))
         epoch = seconds_per_epoch(built) if callable(seconds_per_epoch) else seconds_per_epoch
         return Probe(cost={d: epoch / steps for d in dtypes}, wall={d: epoch / steps for d in dtypes},
-                     steps_per_epoch=steps)
+                     steps_per_epoch=steps, timed_steps=3)
 
     return probe
 

@@ -72,7 +72,7 @@ def test_a_close_call_is_probed_again_at_the_trainings_own_batch(monkeypatch, sp
     def timed_steps(built, data, config, device, dtypes, *, batch, **_):
         seen.append(batch)
         cost = {None: 1.0, BF16: 1.0 / speedups[batch]}
-        return Probe(cost=cost, wall=cost, steps_per_epoch=1)
+        return Probe(cost=cost, wall=cost, steps_per_epoch=1, timed_steps=3)
 
     monkeypatch.setattr(train, "probe_steps", timed_steps)
     config = TrainConfig(epochs=1, batch_size=batch, optimizer="sgd", lr=0.1, weight_decay=0.0)
@@ -124,7 +124,7 @@ def test_each_trial_trains_in_the_precision_its_timed_steps_chose(run_cli, write
     def probe(built, data, config, device, dtypes, **_):
         assert dtypes == (None, BF16)
         return Probe(cost=dict(zip(dtypes, costs, strict=True)), wall=dict(zip(dtypes, costs, strict=True)),
-                     steps_per_epoch=1)
+                     steps_per_epoch=1, timed_steps=3)
 
     def recording_fit(*args, amp, **kwargs):
         used.append(amp)
@@ -201,3 +201,25 @@ def test_a_model_trained_in_bf16_saves_and_loads_in_fp32(run_cli, write_study, t
     with torch.no_grad():
         accuracy = (model(test_x).argmax(1) == test_y).sum().item() / len(test_y)
     assert study.user_attrs["evaluate:0"]["runs"][0]["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+@pytest.mark.parametrize(("step_seconds", "timed"), [
+    (0.5, 3),  # slow steps: three are enough (0.2 s of them and more)
+    (0.01, 20),  # fast steps: timed until 0.2 s of each precision (20 steps), not decided by three
+    (0.001, train.PROBE_MAX_STEPS),  # very fast: capped
+])
+def test_a_probe_times_short_steps_until_it_has_enough_of_them(tmp_path, monkeypatch, step_seconds, timed) -> None:
+    """Each step reads the wall clock at its start and end: a clock that advances ``step_seconds`` per read."""
+    data = load("synthetic:classes=4,size=16,train=256,test=64", data_dir=tmp_path, cache_dir=tmp_path,
+                device=CPU, val_fraction=0.25)
+    space = resolve_space(PARAMS, {}, where="test")
+    params = {"conv_layers": 1, "channels_0": 8, "kernel_size": 3, "padding": "same", "stride": 1, "pool": "max",
+              "pool_kernel": 2, "batch_norm": False, "fc_layers": 1, "optimizer": "adam", "lr": 0.003,
+              "weight_decay": 1e-5, "scheduler": "cosine", "batch_size": 64, "label_smoothing": 0.0,
+              "augmentation": "none"}
+    config = suggest(replay(params, space), space, 1, data.info)
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(ticks) * step_seconds)
+    probe = train.probe_steps(build(config, data.info), data, config.train, CPU, (None,))
+    assert probe.timed_steps == timed
+    assert probe.wall[None] == pytest.approx(step_seconds)

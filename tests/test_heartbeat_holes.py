@@ -32,7 +32,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from tests.test_services import pg_url  # noqa: F401  (fixture)
+from tests.test_services import mariadb_url, pg_url  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT, GRACE = 1, 3
@@ -220,6 +220,11 @@ def test_a_reaper_killed_halfway_loses_no_trial_on_sqlite(tmp_path: Path):
 @pytest.mark.services
 def test_a_reaper_killed_halfway_loses_no_trial_on_postgresql(pg_url: str):  # noqa: F811
     _reaper_killed_halfway(pg_url)
+
+
+@pytest.mark.services
+def test_a_reaper_killed_halfway_loses_no_trial_on_mariadb(mariadb_url: str):  # noqa: F811
+    _reaper_killed_halfway(mariadb_url)
 
 
 if __name__ == "__main__":

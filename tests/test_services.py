@@ -115,8 +115,9 @@ def test_postgresql_restart_mid_run_loses_no_finished_trial(write_study, tmp_pat
     assert sum(t.state == TrialState.COMPLETE for t in trials) >= 6  # and the run still finished its trials
 
 
-@pytest.mark.services
-def test_mariadb_storage(write_study, tmp_path: Path):
+@contextlib.contextmanager
+def mariadb_database() -> Iterator[str]:
+    """The URL of a database of its own on the MariaDB server at 127.0.0.1:3306, dropped afterwards."""
     pymysql = pytest.importorskip("pymysql", reason="the pymysql driver is not installed")
     try:
         con = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
@@ -126,12 +127,22 @@ def test_mariadb_storage(write_study, tmp_path: Path):
     name = f"hpsearch_test_{uuid.uuid4().hex[:12]}"
     con.cursor().execute(f"CREATE DATABASE `{name}`")
     try:
-        url = f"mysql+pymysql://root@127.0.0.1:3306/{name}"
-        proc = spawn_cli("run", str(write_study(n_trials=2, epochs=1)), "--storage", url, cwd=tmp_path)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
-        assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
     finally:
         con.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
         con.close()
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    with mariadb_database() as url:
+        yield url
+
+
+@pytest.mark.services
+def test_mariadb_storage(write_study, tmp_path: Path, mariadb_url: str):
+    proc = spawn_cli("run", str(write_study(n_trials=2, epochs=1)), "--storage", mariadb_url, cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    trials = optuna.load_study(study_name="tiny", storage=mariadb_url).get_trials()
+    assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)

@@ -33,6 +33,7 @@ from hpsearch.explain import TrialExplainer, summarize
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.stopping import DeadTrialRule, EpochRules, rung_step
+from hpsearch.storage import queue_retry_with_fail
 from hpsearch.strategies import STRATEGIES
 from hpsearch.study import check_study, study_identity
 from hpsearch.train import fit, probe_batch, probe_precisions, probe_steps
@@ -148,6 +149,7 @@ class Objective:
         except Terminated as e:
             signals.delivered(e)  # Optuna now stores FAIL: not to be interrupted by a resent SIGTERM
             e.trial_number = trial.number
+            queue_retry_with_fail(trial.study._storage, trial._trial_id)  # with the FAIL, in one transaction
             raise
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             # UpdateFinishedTrialError: this worker was cut off from the database past the grace period and another

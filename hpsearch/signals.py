@@ -2,9 +2,11 @@
 resumes it, instead of leaving it RUNNING until its heartbeat goes stale (a minute by default).
 
 The handler raises ``Terminated`` in the main thread. It is a KeyboardInterrupt, so Optuna marks the running trial
-FAIL exactly as for Ctrl-C and re-raises it; ``retry_terminated`` then enqueues the retry the way Optuna's
-stale-trial callback does (same system attrs, inherited intermediate values), so the retry resumes from the
-trial's checkpoint, and the command prints one line and exits 143 (128 + SIGTERM).
+FAIL exactly as for Ctrl-C and re-raises it. The objective first asks hpsearch's storage to queue the retry in the
+same transaction as that FAIL (``storage.queue_retry_with_fail``: a SIGKILL right after cannot lose it), built as
+Optuna's stale-trial callback builds it (same system attrs, inherited intermediate values), so the retry resumes
+from the trial's checkpoint; behind the gRPC proxy ``retry_terminated`` queues it afterwards. The command prints
+one line and exits 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
@@ -104,14 +106,18 @@ def sigterm_ends_trial(print_line: Callable[[str], None]) -> Iterator[None]:
 
 
 def retry_terminated(study: optuna.Study, term: Terminated, *, max_retry: int) -> None:
-    """Enqueues the retry of the trial ``term`` ended (Optuna has marked it FAIL by now), built by Optuna's own
-    stale-trial callback so that it carries ``failed_trial`` / ``retry_history`` and resumes like any retry."""
+    """Enqueues the retry of the trial ``term`` ended (Optuna has marked it FAIL by now) unless its FAIL queued it,
+    built by Optuna's own stale-trial callback so that it carries ``failed_trial`` / ``retry_history`` and resumes
+    like any retry."""
     if term.trial_number is None:
         return
     trial = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                   if t.number == term.trial_number), None)
     if trial is None:
         return  # Optuna could not store FAIL (database gone): its heartbeat goes stale and it is retried then
+    if any(t.system_attrs.get("retry_history", [])[-1:] == [trial.number] for t in study.get_trials(deepcopy=False)):
+        term.retried = True  # queued with the FAIL (storage.queue_retry_with_fail)
+        return
     with quiet_experimental():
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry,
                                                                      inherit_intermediate_values=True)

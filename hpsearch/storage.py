@@ -135,7 +135,8 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
       state = <the state it changes from>``, which the database serialises, and only the claimant changes it.
     - Optuna stores a stale trial's FAIL and queues its retry in two transactions: a reaper that died between them
       (a killed worker's heartbeat thread, a database restart) left the trial FAIL with no retry, its work lost.
-      A stale trial's FAIL and its retry are now one transaction (``_fail_and_retry``).
+      A stale trial's FAIL and its retry are now one transaction (``_fail_and_retry``), and so are those of a trial
+      SIGTERM ended (``retry_with_fail``).
     - Stale trials were only looked for when a worker started its next trial. Each worker's heartbeat thread now
       also does it every ``reap_seconds`` (``reap_while_beating``; ``hpsearch proxy`` has its own reaper instead).
     """
@@ -147,10 +148,12 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         self._studies: dict[int, optuna.Study] = {}  # study id -> the study, for the heartbeat thread's look
         self._trial_study: dict[int, int] = {}  # trial id -> study id
         self._last_look: dict[int, float] = {}  # study id -> time.monotonic() of the last look for stale trials
+        self._retry_with_fail: set[int] = set()  # trials whose coming FAIL queues their retry (``retry_with_fail``)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        state.update(_studies={}, _trial_study={}, _last_look={})  # caches, and Study objects do not travel
+        # Caches, and Study objects, do not travel.
+        state.update(_studies={}, _trial_study={}, _last_look={}, _retry_with_fail=set())
         return state
 
     @property
@@ -159,6 +162,11 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         return reap_seconds(self.heartbeat_interval, self.grace_period or 2 * self.heartbeat_interval)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        if state == TrialState.FAIL and trial_id in self._retry_with_fail:
+            self._retry_with_fail.discard(trial_id)
+            if self._fail_and_retry(trial_id):
+                return True
+            # Not RUNNING any more (failed as stale by another process): Optuna's own answer, below.
         if state == TrialState.RUNNING:
             before: tuple[TrialState, ...] = (TrialState.WAITING,)
         elif state.is_finished():
@@ -198,16 +206,23 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         its retry (``_fail_and_retry``), and none is left for Optuna to fail."""
         self._date_heartbeatless(study_id)
         for trial_id in super()._get_stale_trial_ids(study_id):
-            self._fail_and_retry(study_id, trial_id)
+            self._fail_and_retry(trial_id)
         return []
 
-    def _fail_and_retry(self, study_id: int, trial_id: int) -> None:
-        """Marks a stale trial FAIL and queues its retry in one transaction: a reaper killed halfway (or a database
-        that goes away) leaves the trial RUNNING and stale, and the next look fails and retries it. Only the
-        process that claims the trial while it is RUNNING does it, so the retry is queued once."""
+    def retry_with_fail(self, trial_id: int) -> None:
+        """The trial's coming FAIL (Optuna's, for the trial SIGTERM ended) also queues its retry, in the same
+        transaction: a SIGKILL right after the SIGTERM cannot leave it FAIL without one."""
+        self._retry_with_fail.add(trial_id)
+
+    def _fail_and_retry(self, trial_id: int) -> bool:
+        """Marks a RUNNING trial FAIL and queues its retry in one transaction: a process killed halfway (or a
+        database that goes away) leaves the trial RUNNING, hence stale, and the next look fails and retries it.
+        Only the process that claims the trial while it is RUNNING does it, so the retry is queued once. False:
+        not claimed (finished, or failed by another process)."""
         retry = self._retry_of(self.get_trial(trial_id))  # read first: Optuna's reads end the transaction
+        study_id = self._study_of(trial_id)
         if not self._claim(trial_id, (TrialState.RUNNING,)):
-            return  # finished, or failed by another process
+            return False
         session = self.scoped_session()
         try:
             if retry is not None:
@@ -218,7 +233,17 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
             session.rollback()
             session.close()
             raise optuna.exceptions.StorageInternalError(f"cannot retry trial {trial_id}: {first_line(e)}") from e
-        optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, TrialState.FAIL)  # commits both
+        return optuna.storages.RDBStorage.set_trial_state_values(self, trial_id, TrialState.FAIL)  # commits both
+
+    def _study_of(self, trial_id: int) -> int:
+        study_id = self._trial_study.get(trial_id)
+        if study_id is None:
+            trials = models.TrialModel.__table__
+            with self.engine.connect() as con:
+                study_id = con.execute(sqlalchemy.select(trials.c.study_id)
+                                       .where(trials.c.trial_id == trial_id)).scalar_one()
+            self._trial_study[trial_id] = study_id
+        return study_id
 
     def _retry_of(self, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
         """The retry Optuna's stale-trial callback would queue (same system attrs, inherited intermediate values),
@@ -260,13 +285,7 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
                 _logger.debug("looking for stale trials failed: %s", first_line(e))
 
     def _look_for_stale(self, trial_id: int) -> None:
-        study_id = self._trial_study.get(trial_id)
-        if study_id is None:
-            trials = models.TrialModel.__table__
-            with self.engine.connect() as con:
-                study_id = con.execute(sqlalchemy.select(trials.c.study_id)
-                                       .where(trials.c.trial_id == trial_id)).scalar_one()
-            self._trial_study[trial_id] = study_id
+        study_id = self._study_of(trial_id)
         now = time.monotonic()
         if now - self._last_look.get(study_id, -float("inf")) < self.reap_seconds:
             return
@@ -276,6 +295,14 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
             study = self._studies[study_id] = optuna.load_study(
                 study_name=self.get_study_name_from_id(study_id), storage=self)
         fail_stale(study)
+
+
+def queue_retry_with_fail(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """The trial's coming FAIL queues its retry in the same transaction, where the storage is hpsearch's
+    (``HeartbeatStorage.retry_with_fail``); behind the gRPC proxy ``signals.retry_terminated`` queues it afterwards."""
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in its _CachedStorage
+    if isinstance(backend, HeartbeatStorage):
+        backend.retry_with_fail(trial_id)
 
 
 class _KeptTrial:

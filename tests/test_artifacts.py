@@ -212,3 +212,18 @@ def test_a_retry_without_a_checkpoint_repeats_the_dead_trial_exactly(run_cli, wr
     assert "resumed_after_epoch" not in retry.user_attrs  # nothing to resume from: trained from scratch
     assert retry.user_attrs["train_loss"] == plain.user_attrs["train_loss"]
     assert retry.intermediate_values == plain.intermediate_values
+
+
+def test_a_sigterm_trial_is_queued_again_in_the_same_write_as_its_fail(run_cli, write_study, monkeypatch):
+    """A SIGKILL right after SIGTERM (a supervisor's short grace period) must not lose the trial: its retry is stored
+    with its FAIL, before any later step of the command (here: the later step that used to queue it does nothing)."""
+    from hpsearch import session
+
+    _sigterm_at(monkeypatch, step=1)
+    monkeypatch.setattr(session.signals, "retry_terminated", lambda *args, **kwargs: None)
+    assert run_cli("run", str(write_study(text=study_text(n_trials=1, epochs=3, extra='pruner = "none"',
+                                                           space=SPACE)))).code == 143
+    dead, retry = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
+    assert (dead.state, retry.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert retry.system_attrs["retry_history"] == [0] and retry.params == dead.params
+    assert retry.intermediate_values == dead.intermediate_values  # inherited: the pruner sees the dead trial's epochs

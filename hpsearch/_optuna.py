@@ -48,7 +48,7 @@ def fail_stale(study: optuna.Study) -> None:
     """Fails (and enqueues the retry of) trials whose worker died: their heartbeat is older than the grace period.
     Optuna does this before each trial; hpsearch also does it when a run has no trial to start, so a dead
     worker's trial does not stay RUNNING in a study that has reached its count, and each worker's heartbeat thread
-    and ``hpsearch proxy`` do it every ``storage.reap_seconds``. With ``storage.HeartbeatStorage`` a trial without
+    and ``hpsearch proxy`` do it every ``heartbeat.reap_seconds``. With ``heartbeat.HeartbeatStorage`` a trial without
     a heartbeat (its worker died first) is given one, so it goes stale too, and each stale trial is retried once
     however many processes fail it at the same moment, its FAIL and its retry written in one transaction (a reaper
     killed between the two lost the retry)."""

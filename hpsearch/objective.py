@@ -30,10 +30,10 @@ from hpsearch._optuna import quiet_experimental
 from hpsearch.data import Data, Split
 from hpsearch.devices import DTYPES, choose_precision, precision_candidates, precision_name
 from hpsearch.explain import TrialExplainer, summarize
+from hpsearch.heartbeat import queue_retry_with_fail
 from hpsearch.signals import Terminated
 from hpsearch.spec import StudySpec
 from hpsearch.stopping import DeadTrialRule, EpochRules, rung_step
-from hpsearch.storage import queue_retry_with_fail
 from hpsearch.strategies import STRATEGIES
 from hpsearch.study import check_study, study_identity
 from hpsearch.train import fit, probe_batch, probe_precisions, probe_steps

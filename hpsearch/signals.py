@@ -3,7 +3,7 @@ resumes it, instead of leaving it RUNNING until its heartbeat goes stale (a minu
 
 The handler raises ``Terminated`` in the main thread. It is a KeyboardInterrupt, so Optuna marks the running trial
 FAIL exactly as for Ctrl-C and re-raises it. The objective first asks hpsearch's storage to queue the retry in the
-same transaction as that FAIL (``storage.queue_retry_with_fail``: a SIGKILL right after cannot lose it), built as
+same transaction as that FAIL (``heartbeat.queue_retry_with_fail``: a SIGKILL right after cannot lose it), built as
 Optuna's stale-trial callback builds it (same system attrs, inherited intermediate values), so the retry resumes
 from the trial's checkpoint; behind the gRPC proxy ``retry_terminated`` queues it afterwards. The command prints
 one line and exits 143 (128 + SIGTERM).
@@ -116,7 +116,7 @@ def retry_terminated(study: optuna.Study, term: Terminated, *, max_retry: int) -
     if trial is None:
         return  # Optuna could not store FAIL (database gone): its heartbeat goes stale and it is retried then
     if any(t.system_attrs.get("retry_history", [])[-1:] == [trial.number] for t in study.get_trials(deepcopy=False)):
-        term.retried = True  # queued with the FAIL (storage.queue_retry_with_fail)
+        term.retried = True  # queued with the FAIL (heartbeat.queue_retry_with_fail)
         return
     with quiet_experimental():
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry,

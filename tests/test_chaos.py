@@ -163,7 +163,7 @@ def check_end_state(storage: str, chaos: Chaos, killed: dict[int, FrozenTrial], 
         assert dead.state == TrialState.FAIL, (number, states)
         done = [t for t in trials if number in t.system_attrs.get("retry_history", []) and t.state in FINISHED]
         # One retry per dead trial on every database: on SQLite too, only the worker whose state change claimed the
-        # trial queues its retry (storage.HeartbeatStorage).
+        # trial queues its retry (heartbeat.HeartbeatStorage).
         assert len(done) == 1, f"killed trial {number}: retries {done}\n{states}"
         assert all(t.user_attrs["val_accuracy"] == done[0].user_attrs["val_accuracy"] for t in done)
         retry = done[0]

@@ -111,11 +111,11 @@ def retry_terminated(study: optuna.Study, term: Terminated, *, max_retry: int) -
     like any retry."""
     if term.trial_number is None:
         return
-    trial = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                  if t.number == term.trial_number), None)
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == term.trial_number and t.state == TrialState.FAIL), None)
     if trial is None:
         return  # Optuna could not store FAIL (database gone): its heartbeat goes stale and it is retried then
-    if any(t.system_attrs.get("retry_history", [])[-1:] == [trial.number] for t in study.get_trials(deepcopy=False)):
+    if any(t.system_attrs.get("retry_history", [])[-1:] == [trial.number] for t in trials):
         term.retried = True  # queued with the FAIL (heartbeat.queue_retry_with_fail)
         return
     with quiet_experimental():

@@ -295,6 +295,7 @@ def probe_steps(built: Built, data: Data, config: TrainConfig, device: torch.dev
     clock = cost_clock(device)
     cost: dict[torch.dtype | None, list[float]] = {d: [] for d in dtypes}
     wall: dict[torch.dtype | None, list[float]] = {d: [] for d in dtypes}
+
     def timed_enough() -> bool:
         timed = len(wall[dtypes[0]]) - warmup
         least = min(sum(s[warmup:]) for s in wall.values())  # the timed seconds of the dtype with fewest

@@ -3,18 +3,19 @@ the closing summary. Plain lines (no cursor tricks) when the output is not a ter
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from hpsearch.study import target_status
-from hpsearch.trials import ENDINGS, STOP_REASONS, ending, is_rejected, refused_for_cost
+from hpsearch.study import VAL_IMAGES_ATTR, target_status
+from hpsearch.trials import ENDINGS, STOP_REASONS, ending, is_rejected, ranked, refused_for_cost
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
@@ -115,6 +116,22 @@ def _best_value(study: optuna.Study) -> str:
         return "-"
 
 
+def lead(best: FrozenTrial, runner_up: FrozenTrial, val_images: Any) -> str:
+    """How far the best complete trial is ahead of the next, against the noise of a validation accuracy measured on
+    ``val_images`` images (one standard error: sqrt(p (1 - p) / n)); a lead under it is a coin toss between the two."""
+    margin = (best.value or 0.0) - (runner_up.value or 0.0)
+    text = f"{margin:+.4f} over trial {runner_up.number} ({runner_up.value:.4f})"
+    if not isinstance(val_images, int) or val_images < 1:  # a study run before hpsearch recorded it
+        return text
+    p = best.value or 0.0
+    error = math.sqrt(p * (1 - p) / val_images)
+    if error == 0.0:
+        return text
+    verdict = "within validation noise: the two may swap" if margin < error else "beyond one standard error"
+    return (f"{text}: {margin / error:.1f} standard errors of a validation accuracy ({error:.4f} on {val_images:,} "
+            f"images), {verdict}")
+
+
 def summary_table(study: optuna.Study) -> Table:
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
@@ -131,12 +148,14 @@ def summary_table(study: optuna.Study) -> Table:
     target = target_status(study)
     if target is not None:
         table.add_row("target", target)
-    try:
-        best = study.best_trial
-    except ValueError:
+    complete = ranked(study)
+    if not complete:
         table.add_row("best", "no complete trial yet")
         return table
+    best = complete[0]
     table.add_row("best value", f"{best.value:.4f} (trial {best.number}, val accuracy)")
+    if len(complete) > 1:
+        table.add_row("lead", lead(best, complete[1], study.user_attrs.get(VAL_IMAGES_ATTR)))
     for key, value in best.params.items():
         table.add_row(f"  {key}", str(value))
     return table

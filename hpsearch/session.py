@@ -34,7 +34,14 @@ from hpsearch._preflight import check_run_writes, new_sqlite_file
 from hpsearch._secrets import scrub
 from hpsearch.stopping import dead_trial_rule
 from hpsearch.storage import MAX_RETRY, heartbeat_settings, open_storage, storage_url
-from hpsearch.study import finished_if_exists, load_existing, load_spec_from_study, open_study, run_trials
+from hpsearch.study import (
+    VAL_IMAGES_ATTR,
+    finished_if_exists,
+    load_existing,
+    load_spec_from_study,
+    open_study,
+    run_trials,
+)
 from hpsearch.trials import count_finished
 from hpsearch.warm_start import WARM_START_ATTR
 
@@ -176,6 +183,8 @@ def _run_here(run: _Run, rdb: optuna.storages.BaseStorage | None) -> None:
     data = _load_data(run)  # first: a dataset that cannot be read leaves the database untouched
     dead = _dead_trial_rule(run, data)
     study = open_study(run.spec, rdb or open_storage(run.url), force=run.options.force, dead=dead)
+    if study.user_attrs.get(VAL_IMAGES_ATTR) != len(data.val):
+        study.set_user_attr(VAL_IMAGES_ATTR, len(data.val))
     store = artifacts.open_artifact_store(artifacts.resolve_location(study, run.options.artifacts_location,
                                                                      artifacts.default_location(run.cache)))
     _say_start(run, study, data)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the spec pulls in the strategies and torch; commands that o
     from hpsearch.spec import StudySpec
 
 TARGET_ATTR = "hpsearch:target_met"  # when and by which trial the study file's target was reached
+VAL_IMAGES_ATTR = "val_images"  # images in the validation split every trial is scored on (its noise, in show)
 DB_RETRY_SECONDS = 5  # after a lost database connection, wait this long before going on
 DB_OUTAGE_SECONDS = 600  # give up (exit 1) when the database stays unreachable this long
 # Trials rejected before training (a feature map below 1x1, or a cost cap: hpsearch.stopping) stay PRUNED, so TPE

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch._display import lead
 from tests.conftest import spawn_cli
 
 STORAGE = "sqlite:///hpsearch.db"
@@ -33,6 +35,25 @@ def test_run_reaches_trial_count_and_stores_what_each_trial_did(run_cli, write_s
     assert t.user_attrs["seconds_per_epoch"] > 0 and t.user_attrs["best_epoch"] in (0, 1)
     assert t.user_attrs["config"]["train"]["epochs"] == 2
     assert "best value" in result.out and "complete 3" in result.out
+    # the summary weighs the best trial's lead against the validation split it was measured on
+    val_images = int(re.search(r"/ (\d+) val images", result.out).group(1))
+    assert _study().user_attrs["val_images"] == val_images
+    assert re.search(rf"lead[\s│]+\+0\.\d{{4}} over trial \d.*on {val_images:,} images", result.out), result.out
+
+
+def test_lead_says_when_the_best_trial_wins_within_validation_noise():
+    def trial(number: int, value: float) -> FrozenTrial:
+        t = optuna.trial.create_trial(value=value)
+        t.number = number
+        return t
+
+    # Fashion-MNIST, study seed 1: the sampled trial 15 led the prior by 0.0012 on 6,000 images, and tested lower
+    close = lead(trial(15, 0.9470), trial(0, 0.9458), 6000)
+    assert close.startswith("+0.0012 over trial 0 (0.9458): 0.4 standard errors") and "(0.0029 on 6,000" in close
+    assert "within validation noise" in close
+    far = lead(trial(24, 0.9472), trial(12, 0.9400), 6000)
+    assert "2.5 standard errors" in far and "beyond one standard error" in far
+    assert lead(trial(3, 0.95), trial(1, 0.94), None) == "+0.0100 over trial 1 (0.9400)"  # a study from before
 
 
 def test_aggressive_pruner_prunes(run_cli, write_study):

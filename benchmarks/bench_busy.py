@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
-from hpsearch.trials import COST_CAP_ATTR, counts_toward_n_trials  # noqa: E402
+from hpsearch.trials import COST_CAP_ATTR, counts_toward_n_trials, is_enqueued  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def run(study_file: Path, budget: float, data_dir: Path, work: Path, label: str,
     name = tomllib.loads(study_file.read_text())["name"]
     trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
     timed = [t for t in trials if t.user_attrs.get(COST_CAP_ATTR) == "max_seconds_per_epoch"]  # refused or stopped
-    enqueued = [t for t in trials if "fixed_params" in t.system_attrs]
+    enqueued = [t for t in trials if is_enqueued(t)]
     first = enqueued[0] if enqueued else None
     return {
         "run": label, "seconds": seconds,

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 
 from hpsearch import results  # noqa: E402
 from hpsearch.stopping import DEAD_MARGIN  # noqa: E402
-from hpsearch.trials import ending, is_rejected  # noqa: E402
+from hpsearch.trials import ending, is_enqueued, is_rejected  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,14 +112,14 @@ def sampled_best(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, int] | 
     counts too: a study with rungs reports its rungs' ends as intermediate values and the last stage only as the
     trial's value."""
     reached = {t.number: [*t.intermediate_values.values(), *([] if t.value is None else [t.value])]
-               for t in trials if "fixed_params" not in t.system_attrs}
+               for t in trials if not is_enqueued(t)}
     sampled = [(max(values), number) for number, values in reached.items() if values]
     return max(sampled) if sampled else None
 
 
 def best_complete(trials: list[optuna.trial.FrozenTrial], *, enqueued: bool) -> optuna.trial.FrozenTrial | None:
     """The best complete trial that was (or was not) an enqueued row."""
-    mine = [t for t in trials if t.state == TrialState.COMPLETE and ("fixed_params" in t.system_attrs) == enqueued]
+    mine = [t for t in trials if t.state == TrialState.COMPLETE and is_enqueued(t) == enqueued]
     return max(mine, key=lambda t: (t.value or 0.0, -t.number)) if mine else None
 
 

@@ -43,7 +43,7 @@ _PRUNER_OWN_KNOBS: dict[str, dict[str, Knob]] = {
     "percentile": {"percentile": Knob((int, float), 0, 100), "n_startup_trials": Knob(int, 0),
                    "n_warmup_steps": Knob(int, 0), "interval_steps": Knob(int, 1), "n_min_trials": Knob(int, 1)},
     "successive-halving": {"min_resource": Knob((int, str), 1), "reduction_factor": Knob(int, 2),
-                           "min_early_stopping_rate": Knob(int, 0)},
+                           "min_early_stopping_rate": Knob(int, 0), "bootstrap_count": Knob(int, 0)},
     "hyperband": {"min_resource": Knob(int, 1), "max_resource": Knob((int, str), 1), "reduction_factor": Knob(int, 2)},
 }
 PRUNER_KNOBS = {kind: knobs if kind == "none" else {**knobs, **DEAD_KNOBS} for kind, knobs in _PRUNER_OWN_KNOBS.items()}

@@ -215,6 +215,9 @@ def _algorithms(data: dict[str, Any], epochs: int,
     pruner = algorithm(data.get("pruner", "successive-halving" if rungs else "median"), "pruner", PRUNER_KNOBS, fail)
     if rungs:
         check_rung_pruner(pruner, fail)
+    elif pruner.get("bootstrap_count") and not isinstance(pruner.get("min_resource"), int):
+        raise fail("pruner.bootstrap_count", pruner["bootstrap_count"], "needs an integer min_resource (Optuna counts "
+                   'the trials at a rung only once the rungs are sized; "auto" sizes them later)')
     return sampler, pruner, rungs
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import optuna
 
 from hpsearch._knobs import DEAD_KNOBS
-from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS
+from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS, is_enqueued
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch
     from hpsearch.spec import StudySpec
@@ -85,11 +85,28 @@ def dead_trial_rule(spec: StudySpec, chance: float) -> DeadTrialRule | None:
 
 # ---- the study's pruner
 
+class SuccessiveHalving(optuna.pruners.SuccessiveHalvingPruner):
+    """Optuna's successive halving, whose ``bootstrap_count`` waits for the sampled trials only. Optuna cannot pause
+    a trial, so a trial reaching a rung before anything else is there has nothing to be compared with: by default it
+    is promoted (the first trials of a study train to the end whatever they are worth), with ``bootstrap_count = n``
+    it is pruned until more than n trials have reached the rung. An enqueued row is the user's own starting point,
+    the reference every sampled trial is measured against: it is never pruned for arriving first."""
+
+    def __init__(self, **knobs: Any) -> None:
+        super().__init__(**knobs)
+        self._no_bootstrap = optuna.pruners.SuccessiveHalvingPruner(**{**knobs, "bootstrap_count": 0})
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if is_enqueued(trial):
+            return self._no_bootstrap.prune(study, trial)
+        return super().prune(study, trial)
+
+
 PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
     "none": optuna.pruners.NopPruner,
     "median": optuna.pruners.MedianPruner,
     "percentile": optuna.pruners.PercentilePruner,
-    "successive-halving": optuna.pruners.SuccessiveHalvingPruner,
+    "successive-halving": SuccessiveHalving,
     "hyperband": optuna.pruners.HyperbandPruner,
 }
 
@@ -107,7 +124,7 @@ def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pr
         # Each rung is one step (rung_step). No dead-trial rule: a rung is short by design (objective.stages).
         if kind == "none":
             return optuna.pruners.NopPruner()
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, min_early_stopping_rate=0, **knobs)
+        return SuccessiveHalving(min_resource=1, min_early_stopping_rate=0, **knobs)
     if kind == "percentile":
         knobs = {"percentile": 25.0, **knobs}
     if kind == "hyperband":

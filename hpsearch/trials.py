@@ -39,6 +39,12 @@ def ranked(study: optuna.Study) -> list[FrozenTrial]:
     return best_first(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+def is_enqueued(trial: FrozenTrial) -> bool:
+    """An ``[[enqueue]]`` row (or a warm start's), not a configuration the sampler chose: Optuna stores an enqueued
+    trial's parameters as its ``fixed_params`` system attribute."""
+    return "fixed_params" in trial.system_attrs
+
+
 def is_rejected(trial: FrozenTrial) -> bool:
     """Refused before training (no epoch run): pruned for the sampler, not counted toward n_trials."""
     return trial.state == TrialState.PRUNED and "rejected" in trial.user_attrs

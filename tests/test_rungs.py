@@ -38,6 +38,9 @@ def _study(write_study, extra: str, **kwargs):
                                     'of each rung to the next) or "none"'),
     (RUNGS + '\npruner = { type = "successive-halving", min_resource = 2 }',
      "pruner.min_resource = 2 is set by the rungs (each rung is one step); leave it out"),
+    ('pruner = { type = "successive-halving", bootstrap_count = 2 }',
+     'pruner.bootstrap_count = 2 needs an integer min_resource (Optuna counts the trials at a rung only once the '
+     'rungs are sized; "auto" sizes them later)'),
     ('tta = "mirror"', 'tta = "mirror" is not known; allowed: none, flip, flip-translate'),
     ("final = { epochs = 0 }", "final.epochs = 0 must be an integer >= 1 and <= 10000"),
     ("final = { steps = 1 }", "final.steps = 1 is not a key of final; allowed: epochs, train_fraction"),
@@ -59,6 +62,27 @@ def test_rungs_default_to_successive_halving_on_rung_steps(write_study) -> None:
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
     assert spec.to_dict()["rungs"] == [{"epochs": 1, "train_fraction": 0.25}, {"epochs": 2, "train_fraction": 0.5}]
     assert "rungs" not in load_spec(_study(write_study, "")).to_dict()  # stored studies without rungs compare equal
+
+
+@pytest.mark.parametrize(("bootstrap", "pruned"), [
+    (0, [False, False, True, False, True]),  # Optuna's default: trial 1 is best of two, so it goes on for free
+    (3, [False, True, True, False, True]),  # trials 1 and 2 wait for more than 3 at the rung: pruned
+])
+def test_bootstrap_count_makes_sampled_trials_wait_but_never_the_enqueued_row(write_study, bootstrap,
+                                                                               pruned) -> None:
+    """With ``bootstrap_count = 3`` a sampled trial reaching a rung with 3 or fewer there (itself included) is not
+    promoted for want of anything to compare it with; the enqueued row, first at the rung, still is."""
+    knobs = f', bootstrap_count = {bootstrap}' if bootstrap else ""
+    spec = load_spec(_study(write_study, RUNGS + f'\npruner = {{ type = "successive-halving"{knobs} }}', epochs=3))
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    study.enqueue_trial({"x": 0.0})
+    decisions = []
+    for value in [0.5, 0.9, 0.8, 0.95, 0.1]:
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.report(value, rung_step(spec, 0))
+        decisions.append(trial.should_prune())
+    assert decisions == pruned
 
 
 def test_each_rung_is_a_complete_cheaper_training_and_only_promoted_trials_go_on(run_cli, write_study,

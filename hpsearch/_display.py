@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpsearch.study import VAL_IMAGES_ATTR, target_status
-from hpsearch.trials import ENDINGS, STOP_REASONS, ending, is_rejected, ranked, refused_for_cost
+from hpsearch.trials import ENDINGS, STOP_REASONS, WAITED_ATTR, ending, is_rejected, ranked, refused_for_cost
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
@@ -53,7 +53,8 @@ class RunDisplay:
             why = next((trial.user_attrs[k] for k in STOP_REASONS if k in trial.user_attrs), None)
             epochs = len(trial.intermediate_values)
             if why is None and "rung" in trial.user_attrs:  # successive halving on rungs (objective.stages)
-                why = f"not promoted after rung {trial.user_attrs['rung']}"
+                waited = trial.user_attrs.get(WAITED_ATTR)
+                why = f"not promoted after rung {trial.user_attrs['rung']}" + (f": {waited}" if waited else "")
             value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
         elif trial.state == TrialState.FAIL:
             value = trial.user_attrs.get("error", "")

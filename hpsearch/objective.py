@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -105,12 +106,14 @@ def make_objective(
     dead: DeadTrialRule | None = None,
     explain: bool = False,
     precision: str = "auto",
+    deadline: float | None = None,
 ) -> Callable[[optuna.Trial], float]:
     """``dead``: the study's dead-trial rule (its pruner applies it per epoch; not with rungs; ``stopping`` stores
     the reason). With ``explain`` (and a ``store``), each trial that ran an epoch gets its PNGs and
-    note (hpsearch.explain). ``precision``: --precision (auto: measured per trial, see ``devices``)."""
+    note (hpsearch.explain). ``precision``: --precision (auto: measured per trial, see ``devices``). ``deadline``:
+    when the run's timeout ends (``time.monotonic``): a promoted trial starts no stage it would finish after it."""
     return Objective(spec, data, device=device, store=store, progress=progress, compile=compile, dead=dead,
-                     explain=explain, precision=precision)
+                     explain=explain, precision=precision, deadline=deadline)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class TrialRun:
     explainer: TrialExplainer | None = None
     checkpoint: str | None = None  # its checkpoint's id in the artifact store
     resume: dict[str, Any] | None = None  # the checkpoint a retry resumes from
+    epoch_seconds: float | None = None  # wall seconds an epoch on all the study's images takes, from its last stage
 
 
 class Objective:
@@ -133,9 +137,9 @@ class Objective:
 
     def __init__(self, spec: StudySpec, data: Data, *, device: torch.device, store: artifacts.ArtifactStore | None,
                  progress: Progress | None, compile: bool, dead: DeadTrialRule | None, explain: bool,
-                 precision: str) -> None:
+                 precision: str, deadline: float | None) -> None:
         self.spec, self.data, self.device, self.store, self.progress = spec, data, device, store, progress
-        self.compile, self.explain, self.precision = compile, explain, precision
+        self.compile, self.explain, self.precision, self.deadline = compile, explain, precision, deadline
         self.strategy = STRATEGIES[spec.strategy]
         self.plan = stages(spec, data)
         self.rules = EpochRules(max_seconds_per_epoch=spec.max_seconds_per_epoch, dead=dead)
@@ -179,6 +183,8 @@ class Objective:
         try:
             for k, stage in enumerate(self.plan[first:], start=first):
                 again = k != first  # a later stage trains a new model from the same initial weights
+                if again:
+                    self.check_time_left(run, k, stage)
                 value = self.train_stage(run, k, stage, self.build(run) if again else built,
                                          None if again else run.resume)
         except optuna.TrialPruned:
@@ -270,6 +276,15 @@ class Objective:
 
     # ---- train, report, prune
 
+    def check_time_left(self, run: TrialRun, k: int, stage: Stage) -> None:
+        """A promotion the run's time left cannot pay for is refused (stopping.refuse_past_deadline): the stage's
+        epochs at the pace of the trial's last stage, on its share of the images."""
+        if self.deadline is None or run.epoch_seconds is None:
+            return
+        need = stage.epochs * run.epoch_seconds * len(stage.data.train) / len(self.data.train)
+        stopping.refuse_past_deadline(run.trial, "its last stage" if stage.last else f"rung {k}", need=need,
+                                      left=self.deadline - time.monotonic())
+
     def train_stage(self, run: TrialRun, k: int, stage: Stage, built: Built, resume: dict[str, Any] | None) -> float:
         """Trains stage ``k`` (from ``resume``, a checkpoint of it); its value, reported at its step if it is a
         rung, where successive halving may prune the trial."""
@@ -283,6 +298,9 @@ class Objective:
                          compile=self.compile, amp=run.amp, tta=self.spec.tta if stage.last else "none")
         except Diverged as e:
             raise stopping.diverged(run.trial, e) from None
+        if result.seconds_per_epoch:
+            scale = len(self.data.train) / len(stage.data.train)
+            run.epoch_seconds = sum(result.seconds_per_epoch) / len(result.seconds_per_epoch) * scale
         value = result.final_accuracy if result.final_accuracy is not None else result.best_val_accuracy
         if stage.step is not None:
             run.trial.set_user_attr("rung", k)

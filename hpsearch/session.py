@@ -238,15 +238,17 @@ def _run_trials_shown(run: _Run, study: optuna.Study, data: Data, dead: DeadTria
 
     o, spec = run.options, run.spec
     with RunDisplay(run.say.out, study, run.target) as display:
+        timeout = o.timeout or spec.timeout
         objective = make_objective(spec, data, device=run.device, progress=display.epoch, compile=o.compile,
-                                   store=store, dead=dead, explain=o.explain, precision=o.precision)
+                                   store=store, dead=dead, explain=o.explain, precision=o.precision,
+                                   deadline=None if timeout is None else time.monotonic() + timeout)
         cleanup = artifacts.checkpoints_after_trial(store, keep_best=o.keep_checkpoints)
 
         def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             cleanup(study, trial)  # the trial's final state is stored by now
             display.trial_end(study, trial)
 
-        outcome = run_trials(study, objective, n_trials=run.target, timeout=o.timeout or spec.timeout,
+        outcome = run_trials(study, objective, n_trials=run.target, timeout=timeout,
                              on_trial_end=on_trial_end, on_storage_error=partial(_say_storage_error, run.say.err),
                              on_taken_over=partial(_say_taken_over, run.say.err), target=spec.target)
     return outcome, display

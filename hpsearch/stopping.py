@@ -1,5 +1,6 @@
 """Why a trial stops early, in one place: the study's pruner, the dead-trial rule, the cost caps (``max_flops`` and
-``max_seconds_per_epoch``, before training and after each epoch), the last-epoch exemption, divergence and rejection.
+``max_seconds_per_epoch``, before training and after each epoch; the run's timeout, before a promoted trial's next
+stage), the last-epoch exemption, divergence and rejection.
 
 Each reason is stored as one user attribute whose name is the reason (``trials.STOP_REASONS``) and whose value is
 the sentence shown to the user; a cost cap also names itself in ``trials.COST_CAP_ATTR``. Whoever reads them
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import optuna
 
 from hpsearch._knobs import DEAD_KNOBS
-from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS, is_enqueued
+from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS, WAITED_ATTR, is_enqueued
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch
     from hpsearch.spec import StudySpec
@@ -50,6 +51,18 @@ def refuse_slow_epoch(trial: optuna.Trial, estimate: float, cap: float) -> None:
     if estimate > cap:
         reject(trial, f"estimated {estimate:.1f} s per epoch from timed steps, over max_seconds_per_epoch = {cap:g}",
                cost_cap="max_seconds_per_epoch")
+
+
+def refuse_past_deadline(trial: optuna.Trial, stage: str, *, need: float, left: float) -> None:
+    """The run's timeout, before a promoted trial's next stage: refused when the stage would end after it (``need``
+    seconds, ``left`` of the timeout), once the study has a complete trial to return (the first is never refused)."""
+    if need <= left or not trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return
+    why = (f"{stage} would take about {need:.0f} s, " + (f"{left:.0f} s of the run's timeout left" if left > 0
+                                                         else "the run's timeout has passed"))
+    trial.set_user_attr(OVER_COST, why)
+    trial.set_user_attr(COST_CAP_ATTR, "timeout")
+    raise optuna.TrialPruned(why)
 
 
 # ---- the dead-trial rule
@@ -100,6 +113,19 @@ class SuccessiveHalving(optuna.pruners.SuccessiveHalvingPruner):
         if is_enqueued(trial):
             return self._no_bootstrap.prune(study, trial)
         return super().prune(study, trial)
+
+    def waited(self, study: optuna.Study, number: int, rung: int) -> str | None:
+        """Why trial ``number``, pruned at ``rung``, was when it was not for its value: too few trials had reached
+        the rung to compare it with. None when it was compared and not in the top 1/reduction_factor."""
+        if not self._bootstrap_count:
+            return None
+        key = f"completed_rung_{rung}"  # where Optuna's successive halving records each trial's value at a rung
+        trials = study.get_trials(deepcopy=False)
+        there = sum(key in t.system_attrs for t in trials)
+        if there > self._bootstrap_count or any(t.number == number and is_enqueued(t) for t in trials):
+            return None
+        return (f"{there} trial{'s' * (there != 1)} had reached it, too few to compare with "
+                f"(bootstrap_count = {self._bootstrap_count})")
 
 
 PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
@@ -188,9 +214,16 @@ class EpochRules:
 
 
 def after_rung(trial: optuna.Trial, k: int, value: float) -> None:
-    """Successive halving's judgement of rung ``k``'s reported value: TrialPruned when it is not promoted."""
-    if trial.should_prune():
-        raise optuna.TrialPruned(f"not promoted after rung {k} with val accuracy {value:.4f}")
+    """Successive halving's judgement of rung ``k``'s reported value: TrialPruned when it is not promoted (and why,
+    in ``WAITED_ATTR``, when it was for arriving early rather than for its value)."""
+    if not trial.should_prune():
+        return
+    pruner = trial.study.pruner
+    waited = pruner.waited(trial.study, trial.number, k) if isinstance(pruner, SuccessiveHalving) else None
+    if waited is not None:
+        trial.set_user_attr(WAITED_ATTR, waited)
+    raise optuna.TrialPruned(f"not promoted after rung {k} with val accuracy {value:.4f}"
+                             + (f": {waited}" if waited else ""))
 
 
 def diverged(trial: optuna.Trial, error: Exception) -> optuna.TrialPruned:

@@ -19,7 +19,10 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # training: the architecture shrinks below 1x1, or a cost cap), "dead" (at chance), "over_cost" (an epoch over
 # max_seconds_per_epoch), "diverged" (loss not finite). A trial pruned by the study's pruner carries none.
 STOP_REASONS = ("rejected", "dead", "over_cost", "diverged")
-COST_CAP_ATTR = "cost_cap"  # the cap ("max_flops" | "max_seconds_per_epoch") that refused or stopped a trial
+# The cap that refused or stopped a trial: "max_flops", "max_seconds_per_epoch", or "timeout" (a promotion the run's
+# time left could not pay for).
+COST_CAP_ATTR = "cost_cap"
+WAITED_ATTR = "waited"  # why a trial was not promoted from a rung for arriving early, not for its value (stopping)
 # How a trial ended, for the budget line and the benchmarks: "pruned" is the pruner's own decision.
 ENDINGS = ("complete", "pruned", "dead", "over_cost", "diverged", "rejected", "failed")
 

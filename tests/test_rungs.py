@@ -4,6 +4,9 @@ study's own training."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -11,7 +14,7 @@ from optuna.trial import TrialState
 from hpsearch import objective
 from hpsearch.spec import Rung, load_spec
 from hpsearch.stopping import make_pruner, rung_step
-from tests.conftest import ONE_CONFIG_SPACE, study_text
+from tests.conftest import ONE_CONFIG_SPACE, TINY_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
 DATA = 'dataset = "synthetic:classes=3,size=12,train=400,test=32"'
@@ -83,6 +86,46 @@ def test_bootstrap_count_makes_sampled_trials_wait_but_never_the_enqueued_row(wr
         trial.report(value, rung_step(spec, 0))
         decisions.append(trial.should_prune())
     assert decisions == pruned
+
+
+def test_a_run_says_which_trials_waited_and_trains_the_enqueued_row_to_the_end(run_cli, write_study) -> None:
+    pruner = 'pruner = { type = "successive-halving", bootstrap_count = 3 }\nsampler = { type = "random" }'
+    path = _study(write_study, RUNGS + "\n" + pruner, epochs=3, n_trials=4,
+                  space=TINY_SPACE + "\n[[enqueue]]\nconv_layers = 1\n")
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    trials = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
+    assert trials[0].state == TrialState.COMPLETE  # the enqueued row, alone at both rungs, went on
+    for t, there in ((trials[1], 2), (trials[2], 3)):  # the enqueued row and itself; then one more
+        assert t.state == TrialState.PRUNED and set(t.intermediate_values) == {1}
+        assert t.user_attrs["waited"] == (f"{there} trials had reached it, too few to compare with "
+                                          "(bootstrap_count = 3)")
+    assert "waited" not in trials[3].user_attrs  # 4 at rung 0: compared by its value
+    assert "not promoted after rung 0: 2 trials had reached it, too few to compare with (bootstrap_count = 3)" \
+        in result.out
+
+
+def test_a_promotion_the_timeout_cannot_pay_for_is_refused_once_a_trial_is_complete(run_cli, write_study,
+                                                                                     monkeypatch) -> None:
+    real_fit = objective.fit
+
+    def slow_fit(*args, **kwargs):  # as if every epoch had taken 1,000 s on the wall clock
+        result = real_fit(*args, **kwargs)
+        return replace(result, seconds_per_epoch=[1000.0] * len(result.seconds_per_epoch))
+
+    monkeypatch.setattr(objective, "fit", slow_fit)
+    path = _study(write_study, RUNGS + '\npruner = "none"\ntimeout = 600', epochs=3, n_trials=3)
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    trials = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
+    assert trials[0].state == TrialState.COMPLETE  # the first complete trial is never refused: the run returns it
+    assert len(trials) == 3
+    for t in trials[1:]:  # rung 0 trained 1 epoch on a quarter of the images: 4,000 s a full epoch, rung 1 needs 4,000
+        assert t.state == TrialState.PRUNED and set(t.intermediate_values) == {1}
+        assert t.user_attrs["cost_cap"] == "timeout"
+        assert re.fullmatch(r"rung 1 would take about 4000 s, \d+ s of the run's timeout left",
+                            t.user_attrs["over_cost"])
+    assert "rung 1 would take about 4000 s" in result.out
 
 
 def test_each_rung_is_a_complete_cheaper_training_and_only_promoted_trials_go_on(run_cli, write_study,

@@ -281,9 +281,14 @@ class Objective:
         epochs at the pace of the trial's last stage, on its share of the images."""
         if self.deadline is None or run.epoch_seconds is None:
             return
-        need = stage.epochs * run.epoch_seconds * len(stage.data.train) / len(self.data.train)
+        need = stage.epochs * run.epoch_seconds / self.scale(stage)
         stopping.refuse_past_deadline(run.trial, "its last stage" if stage.last else f"rung {k}", need=need,
                                       left=self.deadline - time.monotonic())
+
+    def scale(self, stage: Stage) -> float:
+        """How many of ``stage``'s epochs one epoch on all the study's training images is worth (1: the study's own
+        training; a rung trains on fewer images)."""
+        return len(self.data.train) / len(stage.data.train)
 
     def train_stage(self, run: TrialRun, k: int, stage: Stage, built: Built, resume: dict[str, Any] | None) -> float:
         """Trains stage ``k`` (from ``resume``, a checkpoint of it); its value, reported at its step if it is a
@@ -299,8 +304,7 @@ class Objective:
         except Diverged as e:
             raise stopping.diverged(run.trial, e) from None
         if result.seconds_per_epoch:
-            scale = len(self.data.train) / len(stage.data.train)
-            run.epoch_seconds = sum(result.seconds_per_epoch) / len(result.seconds_per_epoch) * scale
+            run.epoch_seconds = sum(result.seconds_per_epoch) / len(result.seconds_per_epoch) * self.scale(stage)
         value = result.final_accuracy if result.final_accuracy is not None else result.best_val_accuracy
         if stage.step is not None:
             run.trial.set_user_attr("rung", k)
@@ -315,7 +319,7 @@ class Objective:
         check_study(trial.study, run.identity)  # first: neither this epoch nor its checkpoint is stored otherwise
         value = result.val_accuracy[-1]
         # Seconds of the study's own epoch this stage's epochs stand for (a rung trains on fewer images).
-        scale = len(self.data.train) / len(stage.data.train)
+        scale = self.scale(stage)
         seconds = result.cost_seconds_per_epoch[-1] * scale
         if run.explainer is not None:
             run.explainer.observe(result)

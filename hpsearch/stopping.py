@@ -60,8 +60,13 @@ def refuse_past_deadline(trial: optuna.Trial, stage: str, *, need: float, left: 
         return
     why = (f"{stage} would take about {need:.0f} s, " + (f"{left:.0f} s of the run's timeout left" if left > 0
                                                          else "the run's timeout has passed"))
+    stop_over_cost(trial, why, cost_cap="timeout")
+
+
+def stop_over_cost(trial: optuna.Trial, why: str, *, cost_cap: str) -> NoReturn:
+    """Stops a trial that trained some of its way for a cost cap: stored as ``over_cost`` and the cap's name."""
     trial.set_user_attr(OVER_COST, why)
-    trial.set_user_attr(COST_CAP_ATTR, "timeout")
+    trial.set_user_attr(COST_CAP_ATTR, cost_cap)
     raise optuna.TrialPruned(why)
 
 
@@ -202,9 +207,7 @@ class EpochRules:
             over = (f"epoch {epoch + 1} took {seconds:.1f} s, over max_seconds_per_epoch = {cap:g}" if rung is None
                     else f"an epoch of rung {rung} stands for {seconds:.1f} s of the study's own, over "
                          f"max_seconds_per_epoch = {cap:g}")
-            trial.set_user_attr(OVER_COST, over)
-            trial.set_user_attr(COST_CAP_ATTR, "max_seconds_per_epoch")
-            raise optuna.TrialPruned(over)
+            stop_over_cost(trial, over, cost_cap="max_seconds_per_epoch")
         if not pruner_judges or not trial.should_prune():
             return
         why = None if self.dead is None else self.dead.reason(epoch, value)

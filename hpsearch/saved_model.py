@@ -37,7 +37,8 @@ def replay(params: dict[str, Any], space: Space) -> optuna.Trial:
     """A trial that answers the strategy's suggest calls with stored ``params``: the strategy's own suggest
     rebuilds the config. Fixed values of the space fill the parameters a stored trial lacks (a space key added
     after it ran, such as ``milestones`` or ``pool_after``)."""
-    fixed = {k: d.value for k, d in space.dims.items() if isinstance(d, Fixed) and space.params[k].per is None}
+    fixed = {k: d.value for k, d in space.dims.items() if isinstance(d, Fixed) and k in space.params
+             and space.params[k].per is None}
     return cast(optuna.Trial, optuna.trial.FixedTrial({**fixed, **params}))
 
 

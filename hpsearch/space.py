@@ -6,7 +6,7 @@ value. ``resolve_space`` validates the overrides against each ``Param``'s rule a
 that strategies sample from with ``space.suggest(trial, key)``.
 
 Repeated parameters (one per conv block, one per FC layer) are declared once (``per=...``) and sampled
-as ``key_0, key_1, ...`` with the same distribution.
+as ``key_0, key_1, ...`` with the same distribution, unless ``[space]`` gives a copy its own (``channels_2 = 128``).
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ class Space:
         self.dims = dict(dims)
 
     def suggest(self, trial: optuna.Trial, key: str, index: int | str | None = None) -> Any:
-        dim = self.dims[key]
         name = key if index is None else f"{key}_{index}"
+        dim = self.dims.get(name, self.dims[key])  # a copy's own override (``channels_2 = 256``) wins
         if isinstance(dim, PerChoice):
             dim = dim.dim_for(trial.params[dim.key])
         if isinstance(dim, Fixed):
@@ -203,11 +203,14 @@ class Space:
             raise ValueError("is not a parameter of this strategy")
         key, param = found
         value = param.check_value(value)
-        dim = self.dims[key]
-        # A row's value is checked against every range of a PerChoice (the row's other keys are checked apart).
-        dims = [d for _, d in dim.dims] if isinstance(dim, PerChoice) else [dim]
-        if not any(_inside(value, d) for d in dims):
-            raise ValueError(f"is outside this study's space for {key!r}: {describe(dim)}")
+        # A copy is checked against its own override, a base name (which sets every copy) against each copy's.
+        copies = [name] if name != key else [key, *(n for n in self.dims if self.param_for(n) == (key, param))]
+        for copy in dict.fromkeys(copies):
+            dim = self.dims.get(copy, self.dims[key])
+            # A row's value is checked against every range of a PerChoice (the row's other keys are checked apart).
+            dims = [d for _, d in dim.dims] if isinstance(dim, PerChoice) else [dim]
+            if not any(_inside(value, d) for d in dims):
+                raise ValueError(f"is outside this study's space for {copy!r}: {describe(dim)}")
 
     def describe(self) -> dict[str, str]:
         return {key: describe(dim) for key, dim in self.dims.items()}
@@ -278,14 +281,23 @@ def resolve_space(params: Mapping[str, Param], overrides: Mapping[str, Any], *, 
     """Defaults overridden by a ``[space]`` table; SpecError names ``where``, the key, the value and the rule."""
     dims: dict[str, Dim] = {key: p.default for key, p in params.items()}
     for key, raw in overrides.items():
-        if key not in params:
+        # A per-layer key's copy (``channels_1``) may have its own distribution; the base name sets every copy.
+        found = Space(params, dims).param_for(key)
+        if found is None:
             known = ", ".join(sorted(params))
-            raise SpecError(f"{where}.{key}: unknown key; this strategy's space has: {known}")
+            raise SpecError(f"{where}.{key}: unknown key; this strategy's space has: {known} (a per-layer key also "
+                            "as key_<i>)")
         try:
-            dims[key] = parse_dim(params[key], raw)
+            dims[key] = parse_dim(found[1], raw)
         except ValueError as e:
             raise SpecError(f"{where}.{key}: {_show(raw)} {e}") from None
-    return Space(params, dims)
+    space = Space(params, dims)
+    for key in overrides:
+        base, param = space.param_for(key) or (key, params[key])
+        if base != key and key.removeprefix(f"{base}_") not in space._copies(param.per or "", {}):
+            raise SpecError(f"{where}.{key}: no trial has this copy: {param.per} is "
+                            f"{describe(dims[param.per or ''])} in this space")
+    return space
 
 
 def _show(raw: Any) -> str:

@@ -45,6 +45,8 @@ PARAMS: dict[str, Param] = {
                       per="fc_layers"),
     "dropout": Param(FloatRange(0.0, 0.5), float, "dropout before each hidden linear layer", low=0.0, high=0.95),
     # ---- the airbench-class keys: fixed to the plain CNN above unless a study opens them up
+    "width_scale": Param(Fixed(1.0), float, "multiplier on every conv block's channels (rounded, at least 1): "
+                         "scales a network's width and keeps its shape", low=0.05, high=16.0),
     "block_convs": Param(Fixed(1), int, "convolutions per conv block (one pooling per block)", low=1, high=4),
     "block_layout": Param(Fixed("classic"), str, 'order in a block: "classic" (conv -> norm -> act, per conv, then '
                           'pool) or "airbench" (conv -> pool -> norm -> act, then conv -> norm -> act)',
@@ -139,6 +141,9 @@ def suggest(trial: optuna.Trial, space: Space, epochs: int, info: DataInfo) -> S
     else:
         config = _with(config, activation=space.suggest(trial, "activation") if n_fc > 1 else "relu")
     config = _with(config, logit_scale=space.suggest(trial, "logit_scale"))
+    if n_conv:  # one knob for capacity: the blocks' channels scaled together (the stored channels_i are unscaled)
+        scale = space.suggest(trial, "width_scale")
+        config = _with(config, channels=tuple(max(1, round(c * scale)) for c in channels))
     feature_size(config, info)  # rejects, before any training, an architecture that shrinks below 1x1
     return config
 

@@ -315,3 +315,28 @@ def test_ema_warms_up_so_a_short_training_is_not_averaged_into_its_initial_weigh
     for step in range(2, 5000):
         average.update(step)
     assert average.average[0].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_copy_of_a_per_layer_key_takes_its_own_distribution_from_the_space() -> None:
+    fixed = {k: AIRBENCH[k] for k in ("kernel_size", "padding", "stride", "pool", "pool_kernel", "batch_norm")}
+    space = resolve_space(PARAMS, {**fixed, "conv_layers": 3, "channels": [4, 8], "channels_1": 32,
+                                   "channels_2": {"low": 64, "high": 128}}, where="test")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = [suggest(study.ask(), space, 2, CIFAR).channels for _ in range(20)]
+    assert {c[0] for c in seen} == {4, 8}  # the base name's choices
+    assert {c[1] for c in seen} == {32}  # its own fixed value
+    assert all(64 <= c[2] <= 128 for c in seen) and len({c[2] for c in seen}) > 5  # its own range
+
+
+def test_width_scale_multiplies_every_blocks_channels_and_keeps_the_rest() -> None:
+    space = resolve_space(PARAMS, {**OPEN, "width_scale": {"low": 0.5, "high": 2.0}}, where="test")
+    base = suggest(replay({**AIRBENCH, "width_scale": 1.0}, space), space, 10, CIFAR)
+    wide = suggest(replay({**AIRBENCH, "width_scale": 1.5}, space), space, 10, CIFAR)
+    assert (base.channels, wide.channels) == ((64, 256, 256), (96, 384, 384))
+    assert replace(wide, channels=base.channels) == base  # nothing else changes
+    convs = [m.out_channels for m in build(wide, CIFAR).model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [24, 96, 96, 384, 384, 384, 384]  # whitening (2x2 patches x 3 channels x 2 signs), then blocks
+    assert suggest(replay({**AIRBENCH, "width_scale": 0.01}, space), space, 10, CIFAR).channels == (1, 3, 3)
+    # A trial stored before the key existed (no width_scale parameter) rebuilds at scale 1 (the key's default).
+    assert suggest(replay(AIRBENCH, resolve_space(PARAMS, OPEN, where="test")), space, 10, CIFAR).channels == (
+        64, 256, 256)

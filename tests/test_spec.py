@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpsearch.space import Fixed
+from hpsearch.space import Fixed, FloatRange
 from hpsearch.spec import load_spec
 from hpsearch.stopping import dead_trial_rule, make_pruner
 from tests.conftest import TINY, study_text
@@ -68,6 +68,12 @@ BAD_CASES = [
      "enqueue[0].layers = 2 is not a parameter of this strategy"),
     ("enqueue outside space", GOOD + "\n[[enqueue]]\nconv_layers = 4\n",
      "enqueue[0].conv_layers = 4 is outside this study's space for 'conv_layers': [1, 2]"),
+    ("a copy no trial has", GOOD.replace("[space]", "[space]\nchannels_2 = 16"),
+     "space.channels_2: no trial has this copy: conv_layers is [1, 2] in this space"),
+    ("a copy's own value breaks the key's rule", GOOD.replace("[space]", "[space]\nchannels_1 = 0"),
+     "space.channels_1: 0 must be 1 <= int <= 2048"),
+    ("enqueue outside a copy's own range", GOOD.replace("[space]", "[space]\nchannels_1 = 8") + "\n[[enqueue]]\n"
+     "conv_layers = 2\nchannels = 4\n", "enqueue[0].channels = 4 is outside this study's space for 'channels_1': 8"),
     ("bad synthetic argument", GOOD.replace(TINY, 'dataset = "synthetic:size=big"'),
      "dataset 'synthetic:size=big': size='big' is not an integer"),
 ]
@@ -140,6 +146,13 @@ def test_shipped_study_files_load():
         assert (row["whiten"], row["block_layout"], row["averaging"]) == (True, "airbench", "lookahead"), name
         assert spec.space.dims["scheduler"] == Fixed("linear"), name
         assert (spec.tta, spec.final_epochs, spec.final_train_fraction) == ("flip-translate", 10, 1.0), name
+    # Fashion-MNIST searches one width scale on the prior's shape; the prior itself is enqueued at scale 1 (a row
+    # without the key would have it sampled).
+    spec = load_spec(root / "studies" / "fashion-mnist-fast.toml")
+    row = spec.enqueue[0]
+    assert [row[f"channels_{i}"] for i in range(3)] == [32, 64, 128] and row["width_scale"] == 1.0
+    assert [spec.space.dims[f"channels_{i}"] for i in range(3)] == [Fixed(32), Fixed(64), Fixed(128)]
+    assert spec.space.dims["width_scale"] == FloatRange(0.75, 2.0, log=True)
 
 
 def test_budget_changes_do_not_count_as_a_different_study(write_study):

@@ -15,7 +15,16 @@ from rich.table import Table
 from rich.text import Text
 
 from hpsearch.study import VAL_IMAGES_ATTR, target_status
-from hpsearch.trials import ENDINGS, STOP_REASONS, WAITED_ATTR, ending, is_rejected, ranked, refused_for_cost
+from hpsearch.trials import (
+    ENDINGS,
+    STOP_REASONS,
+    WAITED_ATTR,
+    ending,
+    is_rejected,
+    late_promotion,
+    ranked,
+    refused_for_cost,
+)
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
@@ -58,6 +67,8 @@ class RunDisplay:
             value = f"{why}" if why else f"after {epochs} epoch{'s' * (epochs != 1)}"
         elif trial.state == TrialState.FAIL:
             value = trial.user_attrs.get("error", "")
+        if (late := late_promotion(trial)) is not None:
+            value += f" (trial {late['trial']} promoted late from rung {late['rung']})"
         total = f"/{self.target}" if self.target else ""
         state = trial.state.name
         line = Text.assemble(

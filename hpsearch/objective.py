@@ -39,6 +39,7 @@ from hpsearch.strategies import STRATEGIES
 from hpsearch.study import check_study, study_identity
 from hpsearch.train import fit, probe_batch, probe_precisions, probe_steps
 from hpsearch.train_types import Built, Diverged, FitResult
+from hpsearch.trials import late_promotion
 
 # progress(trial_number, epoch, epochs, val_accuracy) after every epoch
 Progress = Callable[[int, int, int, float], None]
@@ -130,6 +131,7 @@ class TrialRun:
     checkpoint: str | None = None  # its checkpoint's id in the artifact store
     resume: dict[str, Any] | None = None  # the checkpoint a retry resumes from
     epoch_seconds: float | None = None  # wall seconds an epoch on all the study's images takes, from its last stage
+    late: dict[str, Any] | None = None  # what a late promotion goes on from (trials.late_promotion)
 
 
 class Objective:
@@ -179,11 +181,16 @@ class Objective:
         # A retry goes on in the stage its checkpoint was written in (older checkpoints: the study's own training);
         # the stages before it finished and reported their values, which the retry inherits.
         first = 0 if run.resume is None else run.resume.get("rung", len(self.plan) - 1)
+        if run.late is not None:  # a late promotion goes on after the rung its configuration was stopped at
+            stopping.inherit_rungs(trial, run.late, [s.step for s in self.plan if s.step is not None])
+            first = max(first, run.late["rung"] + 1)
+            rung = self.plan[run.late["rung"]]
+            run.epoch_seconds = (run.late["seconds_per_epoch"] or 0) * self.scale(rung) or None
         value = 0.0
         try:
             for k, stage in enumerate(self.plan[first:], start=first):
                 again = k != first  # a later stage trains a new model from the same initial weights
-                if again:
+                if again or (run.late is not None and run.resume is None):
                     self.check_time_left(run, k, stage)
                 value = self.train_stage(run, k, stage, self.build(run) if again else built,
                                          None if again else run.resume)
@@ -209,8 +216,10 @@ class Objective:
         # A retry is the same run as the dead trial it replaces (the first of its chain): same seed, so an epoch it
         # trains again (killed after that epoch's report, before its checkpoint) gives the value already reported.
         retried = retried_from(trial)
-        seed = trial_seed(self.spec.seed, trial.number if retried is None else retried)
-        return TrialRun(trial, identity, config, retried, seed)
+        # A late promotion trains from its configuration's first trial's initial weights too.
+        late = late_promotion(_running(trial))
+        first = late["trial"] if late is not None else trial.number if retried is None else retried
+        return TrialRun(trial, identity, config, retried, trial_seed(self.spec.seed, first), late=late)
 
     def build(self, run: TrialRun) -> Built:
         torch.manual_seed(run.seed)  # weight initialisation: every stage of a trial starts from the same weights

@@ -11,13 +11,14 @@ judging what was measured is this module's. Free of torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 
 from hpsearch._knobs import DEAD_KNOBS
-from hpsearch.trials import COST_CAP_ATTR, STOP_REASONS, WAITED_ATTR, is_enqueued
+from hpsearch.trials import COST_CAP_ATTR, LATE_ATTR, STOP_REASONS, WAITED_ATTR, is_enqueued, late_promotion
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch
     from hpsearch.spec import StudySpec
@@ -104,33 +105,127 @@ def dead_trial_rule(spec: StudySpec, chance: float) -> DeadTrialRule | None:
 # ---- the study's pruner
 
 class SuccessiveHalving(optuna.pruners.SuccessiveHalvingPruner):
-    """Optuna's successive halving, whose ``bootstrap_count`` waits for the sampled trials only. Optuna cannot pause
-    a trial, so a trial reaching a rung before anything else is there has nothing to be compared with: by default it
-    is promoted (the first trials of a study train to the end whatever they are worth), with ``bootstrap_count = n``
-    it is pruned until more than n trials have reached the rung. An enqueued row is the user's own starting point,
-    the reference every sampled trial is measured against: it is never pruned for arriving first."""
+    """Optuna's successive halving, with what its decision-on-arrival lacks for hpsearch's rungs.
 
-    def __init__(self, **knobs: Any) -> None:
+    ``bootstrap_count`` waits for the sampled trials only. Optuna cannot pause a trial, so a trial reaching a rung
+    before anything else is there has nothing to be compared with: by default it is promoted (the first trials of a
+    study train to the end whatever they are worth), with ``bootstrap_count = n`` it is pruned until more than n
+    trials have reached the rung. An enqueued row is the user's own starting point, the reference every sampled trial
+    is measured against: it is never pruned for arriving first.
+
+    Late promotion (``late = True``: studies with rungs, whose stages are separate trainings). Optuna decides once,
+    when a trial arrives at a rung; asynchronous successive halving (ASHA) promotes any trial that is in the top
+    1/reduction_factor of its rung whenever a worker asks for work. Without it a trial pruned for arriving early is
+    lost, and while the best trials of a rung are such losses the rung's top third is out of reach of every later
+    one (a Fashion-MNIST search promoted nothing past rung 1 for 14 minutes). ``promote_late`` enqueues those trials
+    again: the new trial carries the old one's rung values (counted once, as the old one's) and starts at the next
+    stage, from the same initial weights.
+    """
+
+    def __init__(self, *, late: bool = False, **knobs: Any) -> None:
         super().__init__(**knobs)
+        self.late = late
         self._no_bootstrap = optuna.pruners.SuccessiveHalvingPruner(**{**knobs, "bootstrap_count": 0})
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        if is_enqueued(trial):
-            return self._no_bootstrap.prune(study, trial)
-        return super().prune(study, trial)
+        if self._min_resource is None:  # "auto" (no rungs): Optuna's own, which estimates it from complete trials
+            return self._no_bootstrap.prune(study, trial) if is_enqueued(trial) else super().prune(study, trial)
+        # Optuna's loop, with each configuration counted once at a rung (a late promotion's copies are not).
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        bootstrap = 0 if is_enqueued(trial) else self._bootstrap_count
+        rung, trials = _current_rung(trial), None
+        while step >= self._min_resource * self._reduction_factor ** (self._min_early_stopping_rate + rung):
+            if math.isnan(value):
+                return True
+            trials = trials if trials is not None else study.get_trials(deepcopy=False)
+            study._storage.set_trial_system_attr(trial._trial_id, _rung_key(rung), value)
+            competing = [*rung_values(trials, rung, but=trial.number), value]
+            if len(competing) <= bootstrap or not self._in_top(value, competing, study.direction):
+                return True
+            rung += 1
+        return False
+
+    def _in_top(self, value: float, competing: list[float], direction: optuna.study.StudyDirection) -> bool:
+        """Optuna's rule: among the best len(competing) // reduction_factor values (at least the best one)."""
+        ranked = sorted(competing, reverse=direction == optuna.study.StudyDirection.MAXIMIZE)
+        cut = ranked[max(1, len(competing) // self._reduction_factor) - 1]
+        return value >= cut if direction == optuna.study.StudyDirection.MAXIMIZE else value <= cut
 
     def waited(self, study: optuna.Study, number: int, rung: int) -> str | None:
         """Why trial ``number``, pruned at ``rung``, was when it was not for its value: too few trials had reached
         the rung to compare it with. None when it was compared and not in the top 1/reduction_factor."""
         if not self._bootstrap_count:
             return None
-        key = f"completed_rung_{rung}"  # where Optuna's successive halving records each trial's value at a rung
         trials = study.get_trials(deepcopy=False)
-        there = sum(key in t.system_attrs for t in trials)
+        there = len(rung_values(trials, rung))
         if there > self._bootstrap_count or any(t.number == number and is_enqueued(t) for t in trials):
             return None
         return (f"{there} trial{'s' * (there != 1)} had reached it, too few to compare with "
                 f"(bootstrap_count = {self._bootstrap_count})")
+
+    def promote_late(self, study: optuna.Study) -> list[int]:
+        """Enqueues, best first, each trial this pruner stopped at a rung that is now in the rung's top
+        1/reduction_factor and has not gone on yet; the numbers of the trials it goes on from."""
+        if not self.late:
+            return []
+        trials = study.get_trials(deepcopy=False)
+        gone_on = {(late["trial"], late["rung"]) for t in trials if (late := late_promotion(t)) is not None}
+        found = []
+        for t in trials:
+            rung = _current_rung(t) - 1
+            if t.state != optuna.trial.TrialState.PRUNED or rung < 0 or any(r in t.user_attrs for r in STOP_REASONS):
+                continue  # not stopped by this pruner at a rung (a cost cap, divergence, the timeout)
+            late = late_promotion(t)
+            first = late["trial"] if late is not None else t.number
+            if any(n == first and r >= rung for n, r in gone_on):
+                continue
+            value, competing = t.system_attrs[_rung_key(rung)], rung_values(trials, rung)
+            bootstrap = 0 if is_enqueued(t) else self._bootstrap_count
+            if len(competing) > bootstrap and self._in_top(value, competing, study.direction):
+                found.append((value, t, first, rung))
+        found.sort(key=lambda f: -f[0] if study.direction == optuna.study.StudyDirection.MAXIMIZE else f[0])
+        for _, t, first, rung in found:
+            late = {"trial": first, "rung": rung, "enqueued": is_enqueued(t),
+                    "values": {str(k): t.system_attrs[_rung_key(k)] for k in range(rung + 1)},
+                    "seconds_per_epoch": t.user_attrs.get("seconds_per_epoch")}
+            label = {"label": t.user_attrs["label"]} if "label" in t.user_attrs else {}
+            study.enqueue_trial(t.params, user_attrs={**label, LATE_ATTR: late})
+        return [t.number for _, t, _, _ in found]
+
+
+def _rung_key(rung: int) -> str:
+    return f"completed_rung_{rung}"  # where Optuna's successive halving records each trial's value at a rung
+
+
+def _current_rung(trial: optuna.trial.FrozenTrial) -> int:
+    """The rungs the trial has passed through (and been judged at)."""
+    rung = 0
+    while _rung_key(rung) in trial.system_attrs:
+        rung += 1
+    return rung
+
+
+def rung_values(trials: list[optuna.trial.FrozenTrial], rung: int, *, but: int | None = None) -> list[float]:
+    """Each configuration's value at ``rung``, once: a late promotion's copies of the rungs it carries are not
+    counted (the trial it goes on from is), nor is trial ``but``."""
+    key = _rung_key(rung)
+    return [t.system_attrs[key] for t in trials if key in t.system_attrs and t.number != but
+            and not ((late := late_promotion(t)) is not None and rung <= late["rung"])]
+
+
+def inherit_rungs(trial: optuna.Trial, late: dict[str, Any], steps: list[int]) -> None:
+    """A late promotion takes the rung values of the trial it goes on from (rung k's at ``steps[k]``): reported (its
+    curve; a retry has them already) and recorded where successive halving looks for the rungs a trial has passed,
+    so it is judged from the next rung on."""
+    storage = trial.study._storage
+    reported = storage.get_trial(trial._trial_id).intermediate_values
+    for rung, value in sorted((int(k), v) for k, v in late["values"].items()):
+        if steps[rung] not in reported:
+            trial.report(value, steps[rung])
+        storage.set_trial_system_attr(trial._trial_id, _rung_key(rung), value)
 
 
 PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
@@ -155,7 +250,10 @@ def make_pruner(spec: StudySpec, dead: DeadTrialRule | None = None) -> optuna.pr
         # Each rung is one step (rung_step). No dead-trial rule: a rung is short by design (objective.stages).
         if kind == "none":
             return optuna.pruners.NopPruner()
-        return SuccessiveHalving(min_resource=1, min_early_stopping_rate=0, **knobs)
+        # The reduction factor rung_step places the rungs with (Optuna's own default, 4, would judge rung k at step
+        # 4^k, and a rung reported at 3^k would never be judged past rung 0).
+        knobs = {"reduction_factor": int(spec.pruner.get("reduction_factor", 3)), **knobs}
+        return SuccessiveHalving(min_resource=1, min_early_stopping_rate=0, late=True, **knobs)
     if kind == "percentile":
         knobs = {"percentile": 25.0, **knobs}
     if kind == "hyperband":

@@ -22,7 +22,7 @@ from hpsearch._db_errors import taken_over
 from hpsearch._errors import HpsearchError, SpecError, first_line
 from hpsearch._optuna import quiet_expected_logs
 from hpsearch.samplers import make_sampler
-from hpsearch.stopping import DeadTrialRule, make_pruner
+from hpsearch.stopping import DeadTrialRule, SuccessiveHalving, make_pruner
 from hpsearch.trials import count_finished, is_rejected
 from hpsearch.warm_start import enqueue as enqueue_warm_start
 from hpsearch.warm_start import warm_start_rows
@@ -258,6 +258,8 @@ class _TrialLoop:
     def run(self, timeout: float | None) -> RunOutcome:
         deadline = None if timeout is None else time.monotonic() + timeout
         quiet_expected_logs()
+        if isinstance(self.study.pruner, SuccessiveHalving):
+            self.study.pruner.promote_late(self.study)  # what an earlier run left promotable
         while self.budget is None or self.outcome.ran < self.budget:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -320,6 +322,8 @@ class _TrialLoop:
             self.on_trial_end(study, trial)
         if self.ends_run(study, trial):
             study.stop()
+        elif isinstance(study.pruner, SuccessiveHalving):
+            study.pruner.promote_late(study)  # before the next trial is asked for, which takes the first promoted
 
     def after_rejected(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.outcome.rejected += 1

@@ -23,6 +23,10 @@ STOP_REASONS = ("rejected", "dead", "over_cost", "diverged")
 # time left could not pay for).
 COST_CAP_ATTR = "cost_cap"
 WAITED_ATTR = "waited"  # why a trial was not promoted from a rung for arriving early, not for its value (stopping)
+# A trial that goes on from where a pruned one stopped (stopping.SuccessiveHalving.promote_late): {"trial": the
+# first trial of the configuration, "rung": the rung it was pruned after, "values": {rung: value} it carries,
+# "seconds_per_epoch": its last rung's, "enqueued": whether the configuration was an enqueued row}.
+LATE_ATTR = "late_promotion"
 # How a trial ended, for the budget line and the benchmarks: "pruned" is the pruner's own decision.
 ENDINGS = ("complete", "pruned", "dead", "over_cost", "diverged", "rejected", "failed")
 
@@ -44,8 +48,16 @@ def ranked(study: optuna.Study) -> list[FrozenTrial]:
 
 def is_enqueued(trial: FrozenTrial) -> bool:
     """An ``[[enqueue]]`` row (or a warm start's), not a configuration the sampler chose: Optuna stores an enqueued
-    trial's parameters as its ``fixed_params`` system attribute."""
-    return "fixed_params" in trial.system_attrs
+    trial's parameters as its ``fixed_params`` system attribute. A late promotion is enqueued too, and is what its
+    configuration was."""
+    late = late_promotion(trial)
+    return bool(late["enqueued"]) if late is not None else "fixed_params" in trial.system_attrs
+
+
+def late_promotion(trial: FrozenTrial) -> dict | None:
+    """What a late promotion goes on from (:data:`LATE_ATTR`); None for any other trial."""
+    late = trial.user_attrs.get(LATE_ATTR)
+    return late if isinstance(late, dict) else None
 
 
 def is_rejected(trial: FrozenTrial) -> bool:

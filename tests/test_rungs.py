@@ -11,9 +11,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpsearch import objective
+from hpsearch import objective, stopping
 from hpsearch.spec import Rung, load_spec
 from hpsearch.stopping import make_pruner, rung_step
+from hpsearch.trials import is_enqueued
 from tests.conftest import ONE_CONFIG_SPACE, TINY_SPACE, study_text
 
 STORAGE = "sqlite:///hpsearch.db"
@@ -63,6 +64,7 @@ def test_rungs_default_to_successive_halving_on_rung_steps(write_study) -> None:
     assert [rung_step(spec, k) for k in range(2)] == [1, 3]  # reduction factor 3: SH's promotion steps
     pruner = make_pruner(spec)
     assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert pruner._reduction_factor == 3  # the rungs' (Optuna's default, 4, would never judge rung 1 at step 3)
     assert spec.to_dict()["rungs"] == [{"epochs": 1, "train_fraction": 0.25}, {"epochs": 2, "train_fraction": 0.5}]
     assert "rungs" not in load_spec(_study(write_study, "")).to_dict()  # stored studies without rungs compare equal
 
@@ -228,3 +230,69 @@ def test_evaluate_trains_the_study_files_final_training_by_default(run_cli, writ
     assert run_cli("evaluate", "tiny", "--seeds", "1", "--epochs", "1", "--train-fraction", "0.5").code == 0
     record = optuna.load_study(study_name="tiny", storage=STORAGE).user_attrs["evaluate:0"]
     assert (record["epochs"], record["train_fraction"]) == (1, 0.5)
+
+
+def _rung0(study: optuna.Study, value: float, *, pruner) -> tuple[int, bool]:
+    """A sampled trial reporting ``value`` at rung 0 (step 1); told PRUNED when successive halving stops it."""
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.report(value, 1)
+    stopped = trial.should_prune()
+    study.tell(trial, state=TrialState.PRUNED if stopped else TrialState.COMPLETE, values=None if stopped else value)
+    return trial.number, stopped
+
+
+def test_a_trial_that_joins_its_rungs_top_third_later_is_promoted_late_and_counted_once(write_study) -> None:
+    """Asynchronous successive halving: Optuna judges a trial once, when it reaches a rung; a trial pruned then
+    that is in the rung's top 1/3 once more trials are there goes on (enqueued again, from the next rung, carrying
+    its rung values). Its copy of those values does not count twice when later trials are judged."""
+    spec = load_spec(_study(write_study, RUNGS + '\npruner = "successive-halving"', epochs=3))
+    pruner = make_pruner(spec)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    outcomes = [_rung0(study, v, pruner=pruner) for v in (0.5, 0.4, 0.45, 0.48, 0.3)]
+    assert [stopped for _, stopped in outcomes] == [False, True, True, True, True]  # top 1 of up to 5
+    assert pruner.promote_late(study) == []  # 0.48 is second of five: not in the top 1
+    assert _rung0(study, 0.2, pruner=pruner) == (5, True)
+    assert pruner.promote_late(study) == [3]  # six at the rung: the top 2 are 0.5 and trial 3's 0.48
+    assert pruner.promote_late(study) == []  # once
+    late = study.ask()  # the enqueued late promotion
+    assert late.number == 6 and late.user_attrs["late_promotion"] == {
+        "trial": 3, "rung": 0, "enqueued": False, "values": {"0": 0.48}, "seconds_per_epoch": None}
+    stopping.inherit_rungs(late, late.user_attrs["late_promotion"], [1, 3])
+    late.suggest_float("x", 0, 1)
+    late.report(0.7, 3)
+    assert not late.should_prune()  # judged at rung 1 (against nothing there yet), not again at rung 0
+    study.tell(late, 0.75)
+    assert study.trials[6].intermediate_values == {1: 0.48, 3: 0.7}
+    assert [_rung0(study, v, pruner=pruner)[1] for v in (0.1, 0.15)] == [True, True]
+    # Nine configurations at rung 0, so the top 3 go on: 0.5, 0.48 and now 0.46. Were trial 6's copy of 0.48 counted,
+    # there would be ten values and the top 3 would be 0.5, 0.48, 0.48.
+    assert _rung0(study, 0.46, pruner=pruner) == (9, False)
+
+
+def test_a_late_promotion_in_a_run_trains_from_the_next_rung_with_its_trials_initial_weights(
+        run_cli, write_study, monkeypatch) -> None:
+    real_fit = objective.fit
+    values = {1: {0: 0.5, 1: 0.4, 2: 0.45, 3: 0.48, 4: 0.3, 5: 0.2}, 2: {0: 0.55, 3: 0.7}, 3: {0: 0.6, 3: 0.75}}
+    trained = []  # (seed, epochs) of every stage trained
+
+    def scripted_fit(built, data, train, **kwargs):  # each stage's value by trial seed (= trial number at seed 0)
+        trained.append((kwargs["seed"], train.epochs))
+        result = real_fit(built, data, train, **kwargs)
+        value = values[train.epochs][kwargs["seed"]]
+        return replace(result, best_val_accuracy=value, final_accuracy=value)
+
+    monkeypatch.setattr(objective, "fit", scripted_fit)
+    path = _study(write_study, RUNGS + '\npruner = "successive-halving"\nsampler = { type = "random" }', epochs=3,
+                  n_trials=7, space=TINY_SPACE + "\n[[enqueue]]\nconv_layers = 1\n")
+    result = run_cli("run", str(path))
+    assert result.code == 0, result
+    trials = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.PRUNED] * 5 + [TrialState.COMPLETE]
+    late = trials[6]
+    assert late.params == trials[3].params and late.user_attrs["late_promotion"]["trial"] == 3
+    assert late.intermediate_values == {1: 0.48, 3: 0.7} and late.value == 0.75
+    # Trial 3 trained rung 0; the late promotion rung 1 and the study's own training from trial 3's initial weights.
+    assert [t for t in trained if t[0] == 3] == [(3, 1), (3, 2), (3, 3)]
+    assert not is_enqueued(late)  # a sampled configuration, for the comparisons with the enqueued rows
+    assert "trial    6 COMPLETE 0.7500 (trial 3 promoted late from rung 0)" in result.out

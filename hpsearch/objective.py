@@ -7,8 +7,10 @@ cost caps, the dead-trial rule, divergence and the pruner's decision, each store
 A study with ``rungs`` trains each configuration in stages: every rung is a complete, cheaper training (its own
 epochs with the LR schedule run to its end, on part of the training images) whose best validation accuracy is
 reported at step ``reduction_factor ** k``; Optuna's successive-halving pruner decides whether the trial goes on to
-the next rung, and the last stage is the study's own training (its epochs on all its images). A study without
-rungs has one stage and reports every epoch.
+the next rung, and the last stage is the study's own training (its epochs on all its images). A trial stopped at a
+rung that later ranks in the rung's top goes on as a new trial, a late promotion (``stopping.SuccessiveHalving``),
+which starts at the next stage from the same initial weights. A study without rungs has one stage and reports every
+epoch.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ class Space:
             # A row's value is checked against every range of a PerChoice (the row's other keys are checked apart).
             dims = [d for _, d in dim.dims] if isinstance(dim, PerChoice) else [dim]
             if not any(_inside(value, d) for d in dims):
-                raise ValueError(f"is outside this study's space for {copy!r}: {describe(dim)}")
+                named = copy if copy in self.dims else key  # the entry of [space] the value breaks
+                raise ValueError(f"is outside this study's space for {named!r}: {describe(dim)}")
 
     def describe(self) -> dict[str, str]:
         return {key: describe(dim) for key, dim in self.dims.items()}

@@ -219,7 +219,7 @@ class Objective:
         # trains again (killed after that epoch's report, before its checkpoint) gives the value already reported.
         retried = retried_from(trial)
         # A late promotion trains from its configuration's first trial's initial weights too.
-        late = late_promotion(_running(trial))
+        late = late_promotion(trial)  # the user attributes it was enqueued with: no second read of the trial
         first = late["trial"] if late is not None else trial.number if retried is None else retried
         return TrialRun(trial, identity, config, retried, trial_seed(self.spec.seed, first), late=late)
 

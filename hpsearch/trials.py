@@ -54,7 +54,7 @@ def is_enqueued(trial: FrozenTrial) -> bool:
     return bool(late["enqueued"]) if late is not None else "fixed_params" in trial.system_attrs
 
 
-def late_promotion(trial: FrozenTrial) -> dict | None:
+def late_promotion(trial: FrozenTrial | optuna.Trial) -> dict | None:
     """What a late promotion goes on from (:data:`LATE_ATTR`); None for any other trial."""
     late = trial.user_attrs.get(LATE_ATTR)
     return late if isinstance(late, dict) else None

@@ -154,8 +154,10 @@ def summary_table(study: optuna.Study) -> Table:
     rejected = [t for t in trials if is_rejected(t)]
     if rejected:  # pruned before training: they cost no epochs and do not count toward n_trials
         over_cap = sum(refused_for_cost(t) for t in rejected)
-        kinds = [f"{n} {what}" for n, what in ((len(rejected) - over_cap, "architecture shrinks below 1x1"),
-                                               (over_cap, "over a cost cap")) if n]
+        copies = sum(not refused_for_cost(t) and late_promotion(t) is not None for t in rejected)
+        kinds = [f"{n} {what}" for n, what in ((len(rejected) - over_cap - copies, "architecture shrinks below 1x1"),
+                                               (over_cap, "over a cost cap"),
+                                               (copies, "a late promotion queued twice")) if n]
         table.add_row("rejected", f"{len(rejected)} of the pruned ({', '.join(kinds)}; not counted)")
     target = target_status(study)
     if target is not None:

@@ -210,6 +210,9 @@ class Objective:
         # The study this trial belongs to (run_trials checked it just before the trial was asked for): each epoch
         # checks it is still there before storing anything (study.StudyGone: deleted by someone else meanwhile).
         identity = study_identity(trial.study)
+        late = late_promotion(trial)  # the user attributes it was enqueued with: no second read of the trial
+        if late is not None:
+            stopping.refuse_duplicate_late(trial, late)  # before its parameters are stored: not a sample for TPE
         try:
             config = self.strategy.suggest(trial, self.spec.space, self.spec.epochs, self.data.info)
         except Rejected as e:
@@ -219,7 +222,6 @@ class Objective:
         # trains again (killed after that epoch's report, before its checkpoint) gives the value already reported.
         retried = retried_from(trial)
         # A late promotion trains from its configuration's first trial's initial weights too.
-        late = late_promotion(trial)  # the user attributes it was enqueued with: no second read of the trial
         first = late["trial"] if late is not None else trial.number if retried is None else retried
         return TrialRun(trial, identity, config, retried, trial_seed(self.spec.seed, first), late=late)
 

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import optuna
 
 from hpsearch._knobs import DEAD_KNOBS
-from hpsearch.trials import COST_CAP_ATTR, LATE_ATTR, STOP_REASONS, WAITED_ATTR, is_enqueued, late_promotion
+from hpsearch.trials import (
+    COST_CAP_ATTR,
+    LATE_ATTR,
+    STOP_REASONS,
+    WAITED_ATTR,
+    is_enqueued,
+    is_rejected,
+    late_promotion,
+)
 
 if TYPE_CHECKING:  # the spec pulls in the strategies and torch
     from hpsearch.spec import StudySpec
@@ -194,6 +202,19 @@ class SuccessiveHalving(optuna.pruners.SuccessiveHalvingPruner):
             label = {"label": t.user_attrs["label"]} if "label" in t.user_attrs else {}
             study.enqueue_trial(t.params, user_attrs={**label, LATE_ATTR: late})
         return [t.number for _, t, _, _ in found]
+
+
+def refuse_duplicate_late(trial: optuna.Trial, late: dict[str, Any]) -> None:
+    """Two workers that finish trials at the same moment can both enqueue the same late promotion (each looks for a
+    queued one first and sees none yet). The copy with the higher number is refused before training while another
+    copy is queued, running or finished, so one trains; a failed copy (whose retry is a copy too) and the refused
+    ones do not count."""
+    for t in trial.study.get_trials(deepcopy=False):
+        other = late_promotion(t)
+        if (other is not None and t.number < trial.number and (other["trial"], other["rung"]) == (late["trial"],
+                late["rung"]) and t.state != optuna.trial.TrialState.FAIL and not is_rejected(t)):
+            reject(trial, f"a second copy of trial {t.number}, the late promotion of trial {late['trial']} from "
+                          f"rung {late['rung']} (two workers queued it at once)")
 
 
 def _rung_key(rung: int) -> str:

@@ -270,13 +270,15 @@ def test_a_trial_that_joins_its_rungs_top_third_later_is_promoted_late_and_count
     assert _rung0(study, 0.46, pruner=pruner) == (9, False)
 
 
-def test_a_late_promotion_in_a_run_trains_from_the_next_rung_with_its_trials_initial_weights(
-        run_cli, write_study, monkeypatch) -> None:
+def _scripted_run(run_cli, write_study, monkeypatch, n_trials: int):
+    """A run whose stage values are scripted by trial seed (= the trial number at seed 0): trial 3 is stopped at
+    rung 0 and promoted late once trial 5 is there. The result, the trials and (seed, epochs) of every stage."""
     real_fit = objective.fit
-    values = {1: {0: 0.5, 1: 0.4, 2: 0.45, 3: 0.48, 4: 0.3, 5: 0.2}, 2: {0: 0.55, 3: 0.7}, 3: {0: 0.6, 3: 0.75}}
-    trained = []  # (seed, epochs) of every stage trained
+    values = {1: {0: 0.5, 1: 0.4, 2: 0.45, 3: 0.48, 4: 0.3, 5: 0.2, 8: 0.1}, 2: {0: 0.55, 3: 0.7},
+              3: {0: 0.6, 3: 0.75}}
+    trained = []
 
-    def scripted_fit(built, data, train, **kwargs):  # each stage's value by trial seed (= trial number at seed 0)
+    def scripted_fit(built, data, train, **kwargs):
         trained.append((kwargs["seed"], train.epochs))
         result = real_fit(built, data, train, **kwargs)
         value = values[train.epochs][kwargs["seed"]]
@@ -284,10 +286,15 @@ def test_a_late_promotion_in_a_run_trains_from_the_next_rung_with_its_trials_ini
 
     monkeypatch.setattr(objective, "fit", scripted_fit)
     path = _study(write_study, RUNGS + '\npruner = "successive-halving"\nsampler = { type = "random" }', epochs=3,
-                  n_trials=7, space=TINY_SPACE + "\n[[enqueue]]\nconv_layers = 1\n")
+                  n_trials=n_trials, space=TINY_SPACE + "\n[[enqueue]]\nconv_layers = 1\n")
     result = run_cli("run", str(path))
     assert result.code == 0, result
-    trials = optuna.load_study(study_name="tiny", storage=STORAGE).get_trials()
+    return result, optuna.load_study(study_name="tiny", storage=STORAGE).get_trials(), trained
+
+
+def test_a_late_promotion_in_a_run_trains_from_the_next_rung_with_its_trials_initial_weights(
+        run_cli, write_study, monkeypatch) -> None:
+    result, trials, trained = _scripted_run(run_cli, write_study, monkeypatch, n_trials=7)
     assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.PRUNED] * 5 + [TrialState.COMPLETE]
     late = trials[6]
     assert late.params == trials[3].params and late.user_attrs["late_promotion"]["trial"] == 3
@@ -296,3 +303,47 @@ def test_a_late_promotion_in_a_run_trains_from_the_next_rung_with_its_trials_ini
     assert [t for t in trained if t[0] == 3] == [(3, 1), (3, 2), (3, 3)]
     assert not is_enqueued(late)  # a sampled configuration, for the comparisons with the enqueued rows
     assert "trial    6 COMPLETE 0.7500 (trial 3 promoted late from rung 0)" in result.out
+
+
+def test_of_two_copies_of_a_late_promotion_one_trains(write_study) -> None:
+    """Two workers finishing at the same moment can both queue the same late promotion: the later copy is refused
+    while the earlier is queued, running or finished; a failed copy (its retry is a copy) and refused ones do not
+    count, so the retry trains."""
+    late = {"trial": 3, "rung": 0, "enqueued": False, "values": {"0": 0.48}, "seconds_per_epoch": None}
+    study = optuna.create_study(direction="maximize")
+    for rung in (0, 0, 0, 1):
+        study.enqueue_trial({"x": 0.5}, user_attrs={"late_promotion": {**late, "rung": rung}})
+    first, second, retry, next_rung = (study.ask() for _ in range(4))
+    stopping.refuse_duplicate_late(first, late)
+    with pytest.raises(optuna.TrialPruned):
+        stopping.refuse_duplicate_late(second, late)
+    assert second.user_attrs["rejected"] == ("a second copy of trial 0, the late promotion of trial 3 from rung 0 "
+                                             "(two workers queued it at once)")
+    study.tell(second, state=TrialState.PRUNED)
+    study.tell(first, state=TrialState.FAIL)  # its worker died: the retry is the third copy
+    stopping.refuse_duplicate_late(retry, late)
+    stopping.refuse_duplicate_late(next_rung, next_rung.user_attrs["late_promotion"])  # another rung: not a copy
+
+
+def test_a_late_promotion_queued_twice_in_a_run_trains_once(run_cli, write_study, monkeypatch) -> None:
+    real = stopping.SuccessiveHalving.promote_late
+
+    def with_a_second_worker(self, study):  # which finished a trial at the same moment and queued the same
+        promoted = real(self, study)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        for t in waiting[len(waiting) - len(promoted):]:
+            study.enqueue_trial(t.system_attrs["fixed_params"], user_attrs=t.user_attrs)
+        return promoted
+
+    monkeypatch.setattr(stopping.SuccessiveHalving, "promote_late", with_a_second_worker)
+    result, trials, trained = _scripted_run(run_cli, write_study, monkeypatch, n_trials=8)
+    assert [t.state for t in trials] == ([TrialState.COMPLETE] + [TrialState.PRUNED] * 5
+                                         + [TrialState.COMPLETE] + [TrialState.PRUNED] * 2)
+    copy = trials[7]
+    assert copy.user_attrs["late_promotion"] == trials[6].user_attrs["late_promotion"]
+    assert copy.user_attrs["rejected"].startswith("a second copy of trial 6, the late promotion of trial 3")
+    assert copy.params == {}  # refused before its parameters were stored: not an observation for the sampler
+    assert [t for t in trained if t[0] in (3, 7)] == [(3, 1), (3, 2), (3, 3)]  # the configuration trained once
+    assert "trial    7 PRUNED   a second copy of trial 6" in result.out
+    shown = run_cli("show", "tiny")
+    assert "rejected 1 of the pruned (1 a late promotion queued twice; not counted)" in re.sub(r"[│\s]+", " ", shown.out)

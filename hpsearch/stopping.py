@@ -210,9 +210,10 @@ def refuse_duplicate_late(trial: optuna.Trial, late: dict[str, Any]) -> None:
     copy is queued, running or finished, so one trains; a failed copy (whose retry is a copy too) and the refused
     ones do not count."""
     for t in trial.study.get_trials(deepcopy=False):
+        if t.number >= trial.number or t.state == optuna.trial.TrialState.FAIL or is_rejected(t):
+            continue
         other = late_promotion(t)
-        if (other is not None and t.number < trial.number and (other["trial"], other["rung"]) == (late["trial"],
-                late["rung"]) and t.state != optuna.trial.TrialState.FAIL and not is_rejected(t)):
+        if other is not None and (other["trial"], other["rung"]) == (late["trial"], late["rung"]):
             reject(trial, f"a second copy of trial {t.number}, the late promotion of trial {late['trial']} from "
                           f"rung {late['rung']} (two workers queued it at once)")
 

@@ -185,10 +185,12 @@ def _env_seconds(name: str, default: int) -> int:
 
 
 def _prepare_sqlite(path: Path) -> None:
-    """WAL lets readers run beside the one writer; it is a property of the file, so set it once here."""
+    """WAL lets readers run beside the one writer; it is a property of the file, so set it once here (only when not
+    set yet: changing it waits for no busy timeout, and a worker starting beside writing ones read "locked")."""
     con = sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
+        if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.DatabaseError as e:
         raise _not_sqlite(str(path), e) from None
     finally:
